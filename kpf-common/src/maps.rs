@@ -1,0 +1,268 @@
+//! The layout of every BPF map key and value. `#[repr(C)]`, explicit padding, sizes asserted:
+//! the kernel and userspace must agree byte for byte.
+
+use crate::nat::Nat;
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod names {
+    pub const PROGRAM: &str = "kpf";
+    pub const FRONTENDS: &str = "KPF_FRONTENDS";
+    pub const FLOWS: &str = "KPF_FLOWS";
+    pub const CONFIG: &str = "KPF_CONFIG";
+    pub const IFACES: &str = "KPF_IFACES";
+    pub const DEVMAP: &str = "KPF_DEVMAP";
+    pub const STATS: &str = "KPF_STATS";
+    pub const FRONTEND_STATS: &str = "KPF_FRONTEND_STATS";
+}
+
+/// Most frontends (mapped ports) one gateway serves; also the size of the per-frontend stats array.
+pub const MAX_FRONTENDS: u32 = 4096;
+/// Most interfaces kpf attaches to at once.
+pub const MAX_IFACES: u32 = 64;
+
+pub const IPPROTO_TCP: u8 = 6;
+
+/// A connection as seen on ingress, before any rewrite: the key of a conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+impl FlowKey {
+    #[inline(always)]
+    pub const fn tcp(src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> Self {
+        Self { src_addr, dst_addr, src_port, dst_port, proto: IPPROTO_TCP, _pad: [0; 3] }
+    }
+
+    /// The key the other direction's packets carry once this one has been rewritten by `nat`.
+    #[inline(always)]
+    pub const fn reply_of(nat: &Nat) -> Self {
+        Self::tcp(nat.dst_addr, nat.dst_port, nat.src_addr, nat.src_port)
+    }
+}
+
+/// Where and how a rewritten packet leaves: the result of a FIB lookup, cached per flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// The routing generation this was looked up in (see [`Config::fib_gen`]).
+    pub fib_gen: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+
+/// Which side a conntrack entry's packets come from.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client -> frontend, rewritten to gateway -> backend.
+    Original = 0,
+    /// Backend -> gateway, rewritten to frontend -> client.
+    Reply = 1,
+}
+
+/// One direction of a tracked connection: the value of a conntrack entry.
+///
+/// Both directions of a connection carry the same `state`; the kernel writes both when a packet
+/// changes it (SYN-ACK, the first ACK, FIN, RST), which is rare, so the common packet touches
+/// only its own entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub nat: Nat,
+    pub next_hop: NextHop,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Index into the per-frontend stats.
+    pub frontend_id: u32,
+    /// A [`crate::tcp::State`].
+    pub state: u8,
+    /// A [`Direction`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+
+/// A mapped frontend: the key of [`Frontend`]. `addr == 0` matches any local address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKey>() == 8);
+
+impl FrontendKey {
+    #[inline(always)]
+    pub const fn tcp(addr: u32, port: u16) -> Self {
+        Self { addr, port, proto: IPPROTO_TCP, _pad: 0 }
+    }
+}
+
+/// Where new connections to a frontend go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    pub id: u32,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<Frontend>() == 12);
+
+/// Facts about an attached interface the program needs per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    pub mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 4);
+
+/// Run-time settings, in the single slot of the config array. Written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Idle timeout per [`crate::tcp::State`], in nanoseconds; index 0 is unused.
+    pub timeouts_ns: [u64; crate::tcp::STATE_COUNT],
+    /// SNAT source port range, inclusive, host order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Seeds the SNAT port choice so it cannot be predicted from outside.
+    pub hash_seed: u32,
+    /// Bumped by the daemon whenever a route or neighbour toward a backend changes: flows whose
+    /// cached next hop is from an older generation look it up again.
+    pub fib_gen: u32,
+    /// The smallest MTU among attached interfaces: an IPv4 packet longer than this may be a
+    /// GRO/GSO aggregate, whose TCP checksum is a CHECKSUM_PARTIAL pseudo-header sum.
+    pub min_mtu: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8 * crate::tcp::STATE_COUNT + 16);
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            timeouts_ns: crate::tcp::DEFAULT_TIMEOUTS_NS,
+            snat_port_min: 40000,
+            snat_port_max: 59999,
+            hash_seed: 0,
+            fib_gen: 0,
+            min_mtu: 1500,
+        }
+    }
+}
+
+/// Traffic of one frontend, both directions (per CPU in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<FrontendStats>() == 32);
+
+/// Global counters, indices into the per-CPU stats array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets forwarded (rewritten and sent) by the program.
+    Forwarded = 0,
+    /// New connections created.
+    NewFlows,
+    /// Not ours (no flow, no frontend, not TCP/IPv4): handed to the kernel untouched.
+    PassNotOurs,
+    /// Too short or malformed for its headers: handed to the kernel untouched.
+    PassMalformed,
+    /// IPv4 fragments: the ports are not in every fragment, so they are handed to the kernel.
+    PassFragment,
+    /// A non-SYN packet for a mapped frontend without a live flow: the kernel answers RST.
+    PassNoFlow,
+    /// SYN dropped because every probed SNAT port toward that backend was taken.
+    DropSnatExhausted,
+    /// SYN dropped because the backend's next hop has no resolved neighbour (MAC).
+    DropFibNoNeigh,
+    /// SYN dropped because the FIB has no usable route to the backend.
+    DropFibFailed,
+    /// SYN dropped because the route to the backend leaves through an interface kpf is not on.
+    DropEgressNotAttached,
+    /// Packet dropped because the conntrack table refused an insert.
+    DropFlowTableFull,
+    /// Packet dropped because the redirect to the egress interface failed.
+    DropRedirectFailed,
+}
+
+pub const COUNTER_COUNT: u32 = 12;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Forwarded,
+        Counter::NewFlows,
+        Counter::PassNotOurs,
+        Counter::PassMalformed,
+        Counter::PassFragment,
+        Counter::PassNoFlow,
+        Counter::DropSnatExhausted,
+        Counter::DropFibNoNeigh,
+        Counter::DropFibFailed,
+        Counter::DropEgressNotAttached,
+        Counter::DropFlowTableFull,
+        Counter::DropRedirectFailed,
+    ];
+
+    /// Stable snake_case name, used in `kpf status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "forwarded",
+            Counter::NewFlows => "new_flows",
+            Counter::PassNotOurs => "pass_not_ours",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassNoFlow => "pass_no_flow",
+            Counter::DropSnatExhausted => "drop_snat_exhausted",
+            Counter::DropFibNoNeigh => "drop_fib_no_neigh",
+            Counter::DropFibFailed => "drop_fib_failed",
+            Counter::DropEgressNotAttached => "drop_egress_not_attached",
+            Counter::DropFlowTableFull => "drop_flow_table_full",
+            Counter::DropRedirectFailed => "drop_redirect_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, with every padding byte an explicit field, valid for any bits.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for IfaceInfo {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FrontendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_table_is_complete_and_ordered() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} out of place", c.name());
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The address/port rewrite applied to every forwarded packet, with its checksum deltas
+//! computed once per connection instead of once per packet.
+
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
+
+use crate::{csum, maps::FlowKey};
+
+/// What a conntrack entry rewrites its packets to, with the checksum deltas precomputed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nat {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Folded delta for the IPv4 header checksum (addresses).
+    pub ip_delta: u16,
+    /// Folded delta for a complete TCP checksum (pseudo-header addresses and ports).
+    pub l4_delta: u16,
+    /// Folded delta for a CHECKSUM_PARTIAL TCP field (pseudo-header addresses only).
+    pub pseudo_delta: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Nat>() == 20);
+
+impl Nat {
+    /// The rewrite that turns packets keyed `from` into `src:sport -> dst:dport`.
+    pub const fn new(from: &FlowKey, src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> Self {
+        let addrs = csum::diff32(from.src_addr, src_addr) + csum::diff32(from.dst_addr, dst_addr);
+        let ports = csum::diff16(from.src_port, src_port) + csum::diff16(from.dst_port, dst_port);
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            ip_delta: csum::fold(addrs),
+            l4_delta: csum::fold(addrs + ports),
+            pseudo_delta: csum::fold(addrs),
+            _pad: 0,
+        }
+    }
+}
+
+/// How the TCP checksum field of a packet is to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Csum {
+    /// A complete checksum (anything that crossed a wire).
+    Full,
+    /// A CHECKSUM_PARTIAL pseudo-header sum (GRO/GSO aggregates seen by generic XDP).
+    Partial,
+}
+
+/// Rewrites addresses, ports and both checksums in place.
+#[inline(always)]
+pub fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
+    ip.src_addr = nat.src_addr.to_ne_bytes();
+    ip.dst_addr = nat.dst_addr.to_ne_bytes();
+    let ip_check = u16::from_ne_bytes(ip.check);
+    ip.check = csum::apply_full(ip_check, nat.ip_delta).to_ne_bytes();
+
+    tcp.source = nat.src_port.to_ne_bytes();
+    tcp.dest = nat.dst_port.to_ne_bytes();
+    let check = u16::from_ne_bytes(tcp.check);
+    let check = match l4 {
+        L4Csum::Full => csum::apply_full(check, nat.l4_delta),
+        L4Csum::Partial => csum::apply_partial(check, nat.pseudo_delta),
+    };
+    tcp.check = check.to_ne_bytes();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+
+    const IP: usize = 20;
+
+    /// A random IPv4+TCP packet with correct checksums; returns (bytes, ihl bytes).
+    fn random_packet(rng: &mut StdRng) -> ([u8; 1500], usize, usize) {
+        let mut p = [0u8; 1500];
+        let opts = rng.random_range(0..=10) * 4; // IP options: IHL 5..15
+        let ihl = IP + opts;
+        let doff = 20 + rng.random_range(0..=10) * 4;
+        let payload = rng.random_range(0..=(1500 - ihl - doff));
+        let total = ihl + doff + payload;
+        rng.fill_bytes(&mut p[..total]);
+        p[0] = 0x40 | (ihl / 4) as u8;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[6] &= 0x40; // DF or nothing, no fragment offset
+        p[7] = 0;
+        p[9] = 6;
+        p[ihl + 12] = ((doff / 4) as u8) << 4 | (p[ihl + 12] & 0x0f);
+        let c = csum::ipv4_header(&p[..ihl]);
+        p[10..12].copy_from_slice(&c.to_ne_bytes());
+        let (src, dst) = (addr_of(&p, 12), addr_of(&p, 16));
+        let c = csum::transport(src, dst, 6, &p[ihl..total], 16);
+        p[ihl + 16..ihl + 18].copy_from_slice(&c.to_ne_bytes());
+        (p, ihl, total)
+    }
+
+    fn addr_of(p: &[u8], at: usize) -> [u8; 4] {
+        [p[at], p[at + 1], p[at + 2], p[at + 3]]
+    }
+
+    fn headers(p: &mut [u8], ihl: usize) -> (&mut Ipv4Hdr, &mut TcpHdr) {
+        let (ip, rest) = p.split_at_mut(ihl);
+        // SAFETY: both header types are byte arrays (align 1) and the slices are long enough.
+        unsafe { (&mut *(ip.as_mut_ptr() as *mut Ipv4Hdr), &mut *(rest.as_mut_ptr() as *mut TcpHdr)) }
+    }
+
+    fn key_of(p: &[u8], ihl: usize) -> FlowKey {
+        FlowKey::tcp(
+            u32::from_ne_bytes(addr_of(p, 12)),
+            u16::from_ne_bytes([p[ihl], p[ihl + 1]]),
+            u32::from_ne_bytes(addr_of(p, 16)),
+            u16::from_ne_bytes([p[ihl + 2], p[ihl + 3]]),
+        )
+    }
+
+    #[test]
+    fn incremental_update_matches_full_recomputation() {
+        let mut rng = StdRng::seed_from_u64(0x6b7066);
+        for i in 0..20_000 {
+            let (mut p, ihl, total) = random_packet(&mut rng);
+            let key = key_of(&p, ihl);
+            let nat = Nat::new(&key, rng.random(), rng.random(), rng.random(), rng.random());
+            let (ip, tcp) = headers(&mut p, ihl);
+            rewrite(&nat, ip, tcp, L4Csum::Full);
+
+            assert_eq!(key_of(&p, ihl), FlowKey::tcp(nat.src_addr, nat.src_port, nat.dst_addr, nat.dst_port));
+            let ip_ok = csum::ipv4_header(&p[..ihl]);
+            assert_eq!(u16::from_ne_bytes([p[10], p[11]]), ip_ok, "ip checksum, packet {i}");
+            let tcp_ok = csum::transport(addr_of(&p, 12), addr_of(&p, 16), 6, &p[ihl..total], 16);
+            assert_eq!(u16::from_ne_bytes([p[ihl + 16], p[ihl + 17]]), tcp_ok, "tcp checksum, packet {i}");
+        }
+    }
+
+    #[test]
+    fn partial_checksum_keeps_the_pseudo_header_sum() {
+        // A CHECKSUM_PARTIAL field holds the pseudo-header sum of the current addresses; after the
+        // rewrite it must hold the pseudo-header sum of the new ones, whatever the ports.
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..5_000 {
+            let (mut p, ihl, total) = random_packet(&mut rng);
+            let seg = (total - ihl) as u16;
+            let pseudo = csum::pseudo_header(addr_of(&p, 12), addr_of(&p, 16), 6, seg);
+            p[ihl + 16..ihl + 18].copy_from_slice(&pseudo.to_ne_bytes());
+            let key = key_of(&p, ihl);
+            let nat = Nat::new(&key, rng.random(), rng.random(), rng.random(), rng.random());
+            let (ip, tcp) = headers(&mut p, ihl);
+            rewrite(&nat, ip, tcp, L4Csum::Partial);
+            let want = csum::pseudo_header(addr_of(&p, 12), addr_of(&p, 16), 6, seg);
+            // 0x0000 and 0xffff are the same ones' complement value.
+            let got = u16::from_ne_bytes([p[ihl + 16], p[ihl + 17]]);
+            assert!(got == want || (got | want) == 0xffff && (got & want) == 0, "{got:#x} != {want:#x}");
+        }
+    }
+
+    #[test]
+    fn identity_rewrite_changes_nothing() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut p, ihl, _) = random_packet(&mut rng);
+        let before = p;
+        let key = key_of(&p, ihl);
+        let nat = Nat::new(&key, key.src_addr, key.src_port, key.dst_addr, key.dst_port);
+        let (ip, tcp) = headers(&mut p, ihl);
+        rewrite(&nat, ip, tcp, L4Csum::Full);
+        assert_eq!(p[..], before[..]);
+    }
+}

@@ -1,0 +1,100 @@
+//! Choosing the gateway's source port for a new connection toward a backend.
+//!
+//! The kernel probes candidates in order and claims the first whose reply key
+//! (backend -> gateway:port) it can insert with `BPF_NOEXIST`, so a port is never handed to two
+//! live connections toward the same backend; if every probe is taken the SYN is dropped and
+//! counted, and the client's retransmission tries again.
+
+use crate::maps::FlowKey;
+
+/// How many ports one SYN may try before giving up.
+pub const PROBES: u32 = 32;
+
+/// A 32-bit mix of a connection's 4-tuple and a secret seed (the murmur3 finaliser over a
+/// combined word), so the starting port is spread over the range and not predictable.
+#[inline(always)]
+pub const fn hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed ^ key.src_addr;
+    h = h.wrapping_mul(0x85eb_ca6b) ^ key.dst_addr;
+    h = h.wrapping_mul(0xc2b2_ae35) ^ ((key.src_port as u32) << 16 | key.dst_port as u32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The `attempt`-th candidate port (host order) in `min..=max` for a connection whose hash is `h`:
+/// linear probing from a hashed start, so the probes of one SYN are distinct and contiguous.
+#[inline(always)]
+pub const fn candidate(min: u16, max: u16, h: u32, attempt: u32) -> u16 {
+    let size = (max as u32).saturating_sub(min as u32) + 1;
+    let offset = (h % size + attempt) % size;
+    min + offset as u16
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn key(i: u32) -> FlowKey {
+        FlowKey::tcp(0x0a00_0001 + (i >> 16), (i as u16).to_be(), 0x0a00_0064, 9093u16.to_be())
+    }
+
+    #[test]
+    fn candidates_stay_in_range_and_are_distinct() {
+        for (min, max) in [(40000u16, 59999u16), (1024, 1024), (65000, 65535), (1, 40)] {
+            for i in 0..500 {
+                let h = hash(&key(i), 42);
+                let c: std::vec::Vec<u16> = (0..PROBES).map(|a| candidate(min, max, h, a)).collect();
+                assert!(c.iter().all(|p| (min..=max).contains(p)), "{min}-{max}: {c:?}");
+                let distinct: HashSet<_> = c.iter().collect();
+                let size = (max - min) as usize + 1;
+                assert_eq!(distinct.len(), size.min(PROBES as usize));
+            }
+        }
+    }
+
+    /// The kernel's allocation loop, over a set standing in for the reply-key map.
+    fn allocate(taken: &mut HashSet<u16>, k: &FlowKey, min: u16, max: u16) -> Option<u16> {
+        let h = hash(k, 0x5eed);
+        (0..PROBES).map(|a| candidate(min, max, h, a)).find(|p| taken.insert(*p))
+    }
+
+    #[test]
+    fn no_port_is_handed_out_twice_and_exhaustion_is_reported() {
+        let (min, max) = (50000u16, 50999u16);
+        let mut taken = HashSet::new();
+        let mut granted = 0;
+        let mut refused = 0;
+        for i in 0..5000 {
+            match allocate(&mut taken, &key(i), min, max) {
+                Some(_) => granted += 1,
+                None => refused += 1,
+            }
+        }
+        // Every grant took a distinct port; nothing beyond the range was granted.
+        assert_eq!(taken.len(), granted);
+        assert!(granted <= 1000);
+        assert!(granted >= 950, "linear probing should fill nearly all of the range, got {granted}");
+        assert_eq!(granted + refused, 5000);
+        // Freeing ports makes them available again.
+        let freed: std::vec::Vec<u16> = taken.iter().copied().take(10).collect();
+        for p in &freed {
+            taken.remove(p);
+        }
+        let again = (0..5000).filter_map(|i| allocate(&mut taken, &key(10_000 + i), min, max)).count();
+        assert_eq!(again, 10);
+    }
+
+    #[test]
+    fn start_ports_are_spread_and_seeded() {
+        let (min, max) = (40000u16, 59999u16);
+        let starts: HashSet<u16> = (0..2000).map(|i| candidate(min, max, hash(&key(i), 1), 0)).collect();
+        assert!(starts.len() > 1900, "{} distinct starts of 2000", starts.len());
+        assert_ne!(hash(&key(1), 1), hash(&key(1), 2));
+    }
+}

@@ -1,0 +1,254 @@
+//! The TCP connection tracking state machine, with no I/O: the kernel feeds it each packet's
+//! flags and direction and stores the result; the daemon's garbage collector uses the timeouts.
+
+use crate::maps::Direction;
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+
+/// Connection state, shared by both directions' conntrack entries.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The client's SYN went to the backend.
+    SynSent = 1,
+    /// The backend answered SYN-ACK.
+    SynAcked = 2,
+    /// The client acknowledged the SYN-ACK (or data flows).
+    Established = 3,
+    /// The client sent FIN; the backend may still send.
+    FinFromClient = 4,
+    /// The backend sent FIN; the client may still send.
+    FinFromBackend = 5,
+    /// Both sides sent FIN: only the last ACKs remain.
+    Closing = 6,
+    /// Either side sent RST.
+    Reset = 7,
+}
+
+/// Array length for per-state tables (index 0 unused, so the `State` value indexes directly).
+pub const STATE_COUNT: usize = 8;
+
+const SEC: u64 = 1_000_000_000;
+
+/// Default idle timeouts, indexed by `State`.
+///
+/// Established: 2 h 4 min, the least RFC 5382 (REQ-5) allows a NAT, and well above Kafka's
+/// `connections.max.idle.ms` (10 min), so the broker or client always closes an idle
+/// connection before kpf forgets it. Half-open and closing connections are short-lived.
+pub const DEFAULT_TIMEOUTS_NS: [u64; STATE_COUNT] = [
+    0,
+    30 * SEC,   // SynSent
+    30 * SEC,   // SynAcked
+    7440 * SEC, // Established
+    120 * SEC,  // FinFromClient
+    120 * SEC,  // FinFromBackend
+    30 * SEC,   // Closing
+    10 * SEC,   // Reset
+];
+
+impl State {
+    #[inline(always)]
+    pub const fn from_u8(v: u8) -> Option<State> {
+        Some(match v {
+            1 => State::SynSent,
+            2 => State::SynAcked,
+            3 => State::Established,
+            4 => State::FinFromClient,
+            5 => State::FinFromBackend,
+            6 => State::Closing,
+            7 => State::Reset,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            State::SynSent => "syn_sent",
+            State::SynAcked => "syn_acked",
+            State::Established => "established",
+            State::FinFromClient => "fin_from_client",
+            State::FinFromBackend => "fin_from_backend",
+            State::Closing => "closing",
+            State::Reset => "reset",
+        }
+    }
+
+    /// A connection in this state may be replaced by a new SYN on the same 4-tuple (with a new
+    /// SNAT binding): it has ended, or it was never set up.
+    #[inline(always)]
+    pub const fn reusable(self) -> bool {
+        matches!(self, State::Closing | State::Reset)
+    }
+}
+
+/// What a SYN without ACK means: a new connection. Anything else with SYN (SYN+FIN, SYN+RST) is
+/// not a valid opening and never creates state.
+#[inline(always)]
+pub const fn is_new_connection(flags: u8) -> bool {
+    flags & (SYN | ACK | FIN | RST) == SYN
+}
+
+/// The state after a packet with `flags` travelling in `dir` is seen in `state`.
+#[inline(always)]
+pub const fn next(state: State, dir: Direction, flags: u8) -> State {
+    if flags & RST != 0 {
+        return State::Reset;
+    }
+    let from_client = matches!(dir, Direction::Original);
+    let fin = flags & FIN != 0;
+    match state {
+        State::SynSent => {
+            if !from_client && flags & (SYN | ACK) == (SYN | ACK) {
+                State::SynAcked
+            } else {
+                State::SynSent
+            }
+        }
+        State::SynAcked => {
+            if from_client && flags & SYN == 0 && flags & ACK != 0 {
+                if fin { State::FinFromClient } else { State::Established }
+            } else {
+                State::SynAcked
+            }
+        }
+        State::Established => {
+            if !fin {
+                State::Established
+            } else if from_client {
+                State::FinFromClient
+            } else {
+                State::FinFromBackend
+            }
+        }
+        State::FinFromClient => {
+            if fin && !from_client { State::Closing } else { State::FinFromClient }
+        }
+        State::FinFromBackend => {
+            if fin && from_client { State::Closing } else { State::FinFromBackend }
+        }
+        State::Closing => State::Closing,
+        State::Reset => State::Reset,
+    }
+}
+
+/// True when a packet with these flags may change the state, so the kernel must look at the
+/// other direction's entry too. Plain data and ACKs in an established connection never do.
+#[inline(always)]
+pub const fn may_change(state: State, flags: u8) -> bool {
+    flags & (SYN | FIN | RST) != 0 || matches!(state, State::SynAcked)
+}
+
+/// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+#[inline(always)]
+pub const fn expired(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    let idx = (state as usize) & (STATE_COUNT - 1);
+    now_ns.saturating_sub(last_seen_ns) > timeouts_ns[idx]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Direction::{Original as C, Reply as B};
+
+    fn run(steps: &[(Direction, u8)]) -> State {
+        let mut s = State::SynSent;
+        for &(d, f) in steps {
+            s = next(s, d, f);
+        }
+        s
+    }
+
+    #[test]
+    fn handshake_data_and_orderly_close() {
+        assert_eq!(run(&[]), State::SynSent);
+        assert_eq!(run(&[(B, SYN | ACK)]), State::SynAcked);
+        assert_eq!(run(&[(B, SYN | ACK), (C, ACK)]), State::Established);
+        let est = [(B, SYN | ACK), (C, ACK), (C, ACK), (B, ACK)];
+        assert_eq!(run(&est), State::Established);
+        let mut close = est.to_vec();
+        close.push((C, FIN | ACK));
+        assert_eq!(run(&close), State::FinFromClient);
+        close.push((C, FIN | ACK)); // retransmitted FIN from the same side
+        assert_eq!(run(&close), State::FinFromClient);
+        close.push((B, ACK)); // backend keeps sending on a half-closed connection
+        assert_eq!(run(&close), State::FinFromClient);
+        close.push((B, FIN | ACK));
+        assert_eq!(run(&close), State::Closing);
+        close.push((C, ACK));
+        assert_eq!(run(&close), State::Closing);
+    }
+
+    #[test]
+    fn backend_closes_first() {
+        let s = run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK), (B, FIN | ACK), (C, FIN | ACK)]);
+        assert_eq!(s, State::Closing);
+    }
+
+    #[test]
+    fn rst_from_either_side_in_any_state() {
+        let prefixes: &[&[(Direction, u8)]] =
+            &[&[], &[(B, SYN | ACK)], &[(B, SYN | ACK), (C, ACK)], &[(B, SYN | ACK), (C, ACK), (C, FIN)]];
+        for p in prefixes {
+            for d in [C, B] {
+                let mut v = p.to_vec();
+                v.push((d, RST | ACK));
+                assert_eq!(run(&v), State::Reset, "{p:?} then RST from {d:?}");
+                v.push((C, ACK));
+                assert_eq!(run(&v), State::Reset, "reset is final");
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_is_directional() {
+        // A SYN-ACK from the client side, or an ACK before the SYN-ACK, does not advance.
+        assert_eq!(run(&[(C, SYN | ACK)]), State::SynSent);
+        assert_eq!(run(&[(C, ACK)]), State::SynSent);
+        assert_eq!(run(&[(B, SYN | ACK), (B, ACK)]), State::SynAcked);
+        assert_eq!(run(&[(B, SYN | ACK), (C, SYN)]), State::SynAcked);
+    }
+
+    #[test]
+    fn new_connection_flags() {
+        assert!(is_new_connection(SYN));
+        assert!(is_new_connection(SYN | 0x08 | 0x20)); // PSH/URG do not matter
+        for bad in [SYN | ACK, SYN | FIN, SYN | RST, ACK, FIN, RST, 0] {
+            assert!(!is_new_connection(bad), "{bad:#x}");
+        }
+    }
+
+    #[test]
+    fn only_rare_packets_need_the_peer_entry() {
+        assert!(!may_change(State::Established, ACK));
+        assert!(!may_change(State::Established, ACK | 0x08));
+        assert!(may_change(State::Established, FIN | ACK));
+        assert!(may_change(State::Established, RST));
+        assert!(may_change(State::SynAcked, ACK));
+        assert!(!may_change(State::FinFromClient, ACK) && !may_change(State::Closing, ACK));
+        // may_change must never hide a transition.
+        for s in 1..STATE_COUNT as u8 {
+            let s = State::from_u8(s).unwrap();
+            for flags in 0..=0x3f {
+                for d in [C, B] {
+                    if next(s, d, flags) != s {
+                        assert!(may_change(s, flags), "{s:?} {d:?} {flags:#x}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expiry_uses_the_state_timeout() {
+        let t = DEFAULT_TIMEOUTS_NS;
+        let est = State::Established as u8;
+        assert!(!expired(&t, est, 0, 7440 * SEC));
+        assert!(expired(&t, est, 0, 7440 * SEC + 1));
+        assert!(expired(&t, State::SynSent as u8, 0, 31 * SEC));
+        assert!(!expired(&t, est, 100, 50), "a clock behind last_seen is not expiry");
+        assert!(t[State::Established as usize] >= 3600 * SEC, "issue: established idle >= 1 h");
+    }
+}
