@@ -179,10 +179,8 @@ const _: () = assert!(core::mem::size_of::<FrontendStats>() == 32);
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Packets forwarded (rewritten and sent) by the program.
-    Forwarded = 0,
-    /// New connections created.
-    NewFlows,
+    /// New connections created (forwarded traffic is counted per frontend).
+    NewFlows = 0,
     /// Not ours (no flow, no frontend, not TCP/IPv4): handed to the kernel untouched.
     PassNotOurs,
     /// Too short or malformed for its headers: handed to the kernel untouched.
@@ -205,11 +203,10 @@ pub enum Counter {
     DropRedirectFailed,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 11;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
-        Counter::Forwarded,
         Counter::NewFlows,
         Counter::PassNotOurs,
         Counter::PassMalformed,
@@ -226,7 +223,6 @@ impl Counter {
     /// Stable snake_case name, used in `kpf status` and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Forwarded => "forwarded",
             Counter::NewFlows => "new_flows",
             Counter::PassNotOurs => "pass_not_ours",
             Counter::PassMalformed => "pass_malformed",

@@ -1,0 +1,66 @@
+//! Next-hop lookup and transmission.
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::XdpContext,
+};
+use kpf_common::{Counter, NextHop};
+
+use crate::{maps::DEVMAP, parse::Packet};
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// Routes `dst` as the kernel would forward a packet that arrived on `ifindex`: the egress
+/// interface, both MACs (the neighbour must already be resolved), and the source address the
+/// kernel would pick toward `dst` (BPF_FIB_LOOKUP_SRC).
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, ip_len: u16, fib_gen: u32) -> Result<(NextHop, u32), Counter> {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = kpf_common::IPPROTO_TCP;
+    p.__bindgen_anon_1.tot_len = ip_len;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: BPF_FIB_LOOKUP_SRC filled ipv4_src on success.
+            let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+            Ok((NextHop { ifindex: p.ifindex, src_mac: p.smac, dst_mac: p.dmac, fib_gen }, src))
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::DropFibNoNeigh),
+        _ => Err(Counter::DropFibFailed),
+    }
+}
+
+/// Whether `ifindex` is an interface this program can send out of.
+#[inline(always)]
+pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
+    ifindex == ctx.ingress_ifindex() as u32 || DEVMAP.get_ifindex(ifindex).is_some()
+}
+
+/// Writes the next hop's MACs and sends the frame: XDP_TX back out the interface it came in on,
+/// or a devmap redirect to another attached interface.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, pkt: &Packet, nh: &NextHop) -> Result<u32, Counter> {
+    // SAFETY: parse bounds-checked the Ethernet header.
+    let eth = unsafe { &mut *pkt.eth };
+    eth.src_addr = nh.src_mac;
+    eth.dst_addr = nh.dst_mac;
+    if nh.ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(xdp_action::XDP_TX);
+    }
+    DEVMAP.redirect(nh.ifindex, 0).map_err(|_| Counter::DropRedirectFailed)
+}

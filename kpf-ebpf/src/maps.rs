@@ -1,0 +1,34 @@
+//! The program's maps. Sizes here are defaults; the daemon sets the flow table size at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use kpf_common::{
+    COUNTER_COUNT, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo, MAX_FRONTENDS, MAX_IFACES,
+};
+
+/// Mapped frontends: (address or 0, port) -> backend.
+#[map(name = "KPF_FRONTENDS")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
+
+/// Conntrack: one entry per direction of each connection, keyed by the packet as it arrives.
+#[map(name = "KPF_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+
+#[map(name = "KPF_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Attached interfaces by ifindex.
+#[map(name = "KPF_IFACES")]
+pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+/// Redirect targets (the attached interfaces), by ifindex.
+#[map(name = "KPF_DEVMAP")]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "KPF_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map(name = "KPF_FRONTEND_STATS")]
+pub static FRONTEND_STATS: PerCpuArray<FrontendStats> = PerCpuArray::with_max_entries(MAX_FRONTENDS, 0);

@@ -1,0 +1,91 @@
+//! Header parsing with bounds checks the verifier can follow. Anything this does not fully
+//! understand is reported with the reason and handed to the kernel untouched.
+
+use aya_ebpf::programs::XdpContext;
+use kpf_common::{Counter, FlowKey, IPPROTO_TCP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const VLAN_HLEN: usize = 4;
+/// Fragment offset and More Fragments bits (DF alone is fine).
+const IP_FRAG_MASK: u16 = 0x3fff;
+
+/// A TCP/IPv4 packet whose headers are all inside the frame.
+pub struct Packet {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    pub tcp: *mut TcpHdr,
+    pub key: FlowKey,
+    pub flags: u8,
+    /// IPv4 total length: what the frontend byte counters count.
+    pub ip_len: u16,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        // TCI (2 bytes) then the inner EtherType.
+        let inner: *const [u8; VLAN_HLEN] = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
+        // SAFETY: bounds checked.
+        let v = unsafe { *inner };
+        ether_type = u16::from_ne_bytes([v[2], v[3]]);
+        l3 += VLAN_HLEN;
+    }
+    if ether_type != ETH_P_IP {
+        return Err(Counter::PassNotOurs);
+    }
+
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked.
+    let iph = unsafe { &*ip };
+    if iph.vihl >> 4 != 4 {
+        return Err(Counter::PassMalformed);
+    }
+    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    let ip_len = u16::from_be_bytes(iph.tot_len);
+    let frame_l3 = ctx.data_end() - ctx.data() - l3;
+    if ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl || ip_len as usize > frame_l3 {
+        return Err(Counter::PassMalformed);
+    }
+    if iph.proto as u8 != IPPROTO_TCP {
+        return Err(Counter::PassNotOurs);
+    }
+    if u16::from_be_bytes(iph.frags) & IP_FRAG_MASK != 0 {
+        return Err(Counter::PassFragment);
+    }
+
+    let l4 = l3 + ihl;
+    let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked. Byte 12 holds the data offset, byte 13 the flags.
+    let (doff, flags) = unsafe {
+        let b = tcp as *const u8;
+        (((*b.add(12)) >> 4) as usize * 4, *b.add(13))
+    };
+    if doff < TcpHdr::LEN || ihl + doff > ip_len as usize {
+        return Err(Counter::PassMalformed);
+    }
+
+    // SAFETY: bounds checked.
+    let (iph, tcph) = unsafe { (&*ip, &*tcp) };
+    let key = FlowKey::tcp(
+        u32::from_ne_bytes(iph.src_addr),
+        u16::from_ne_bytes(tcph.source),
+        u32::from_ne_bytes(iph.dst_addr),
+        u16::from_ne_bytes(tcph.dest),
+    );
+    Ok(Packet { eth, ip, tcp, key, flags, ip_len })
+}

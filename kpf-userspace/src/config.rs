@@ -1,0 +1,496 @@
+//! The TOML config: parsing with every error located (`file:line:column: what`), validation that
+//! rejects a partly invalid file whole, and the kernel-facing values derived from it.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::Range,
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In the driver: fastest; not every driver supports it.
+    Native,
+    /// In the kernel's generic receive path: works everywhere.
+    Generic,
+    /// Native where the driver supports it, else generic.
+    #[default]
+    Auto,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Mode::Native),
+            "generic" => Ok(Mode::Generic),
+            "auto" => Ok(Mode::Auto),
+            _ => Err(format!("unknown mode {s:?}: expected native, generic or auto")),
+        }
+    }
+}
+
+/// An inclusive port range written `"40000-59999"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
+    }
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port range like \"40000-59999\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let min: u16 = a.trim().parse().map_err(|_| bad())?;
+        let max: u16 = b.trim().parse().map_err(|_| bad())?;
+        if min == 0 || min > max {
+            return Err(format!("port range {s:?} must be non-empty and start above 0"));
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A backend `ip:port`, validated as something a connection can be made to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend(pub SocketAddrV4);
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let a: SocketAddrV4 =
+            s.parse().map_err(|_| format!("{s:?} is not an IPv4 address with a port, like \"10.64.0.2:39092\""))?;
+        let ip = a.ip();
+        if a.port() == 0 {
+            return Err(format!("backend {s:?}: port 0 cannot be connected to"));
+        }
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+            return Err(format!("backend {s:?}: {ip} cannot be a backend (unspecified, broadcast, multicast or loopback)"));
+        }
+        Ok(Backend(a))
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Backend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A duration written `"30s"`, `"2h4m"`, or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Secs(pub Duration);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        let dur = match Raw::deserialize(d)? {
+            Raw::Secs(s) => Duration::from_secs(s),
+            Raw::Text(t) => humantime::parse_duration(&t)
+                .map_err(|e| serde::de::Error::custom(format!("{t:?} is not a duration like \"30s\" or \"2h4m\": {e}")))?,
+        };
+        if dur.is_zero() {
+            return Err(serde::de::Error::custom("a timeout must be longer than zero"));
+        }
+        Ok(Secs(dur))
+    }
+}
+
+impl Serialize for Secs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+/// Idle timeouts per connection state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Half-open: SYN sent, handshake not finished.
+    pub syn: Secs,
+    pub established: Secs,
+    /// One side has sent FIN.
+    pub fin: Secs,
+    /// Both sides have sent FIN.
+    pub closing: Secs,
+    /// After RST.
+    pub reset: Secs,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        use kpf_common::tcp::{DEFAULT_TIMEOUTS_NS as D, State};
+        let s = |st: State| Secs(Duration::from_nanos(D[st as usize]));
+        Timeouts {
+            syn: s(State::SynSent),
+            established: s(State::Established),
+            fin: s(State::FinFromClient),
+            closing: s(State::Closing),
+            reset: s(State::Reset),
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn to_kernel(&self) -> [u64; kpf_common::tcp::STATE_COUNT] {
+        use kpf_common::tcp::State;
+        let ns = |s: Secs| s.0.as_nanos().min(u64::MAX as u128) as u64;
+        let mut t = [0u64; kpf_common::tcp::STATE_COUNT];
+        t[State::SynSent as usize] = ns(self.syn);
+        t[State::SynAcked as usize] = ns(self.syn);
+        t[State::Established as usize] = ns(self.established);
+        t[State::FinFromClient as usize] = ns(self.fin);
+        t[State::FinFromBackend as usize] = ns(self.fin);
+        t[State::Closing as usize] = ns(self.closing);
+        t[State::Reset as usize] = ns(self.reset);
+        t
+    }
+}
+
+/// One mapped port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendConfig {
+    /// The local address it answers on; `None` for every local address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    pub port: u16,
+    pub backends: Vec<Backend>,
+}
+
+impl FrontendConfig {
+    pub fn label(&self) -> String {
+        match self.address {
+            Some(a) => format!("{a}:{}", self.port),
+            None => format!("*:{}", self.port),
+        }
+    }
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub interfaces: Vec<String>,
+    pub mode: Mode,
+    pub snat_ports: PortRange,
+    pub max_flows: u32,
+    /// Set `net.ipv4.conf.<iface>.forwarding=1` on the attached interfaces instead of only
+    /// checking it.
+    pub manage_sysctls: bool,
+    pub timeouts: Timeouts,
+    #[serde(rename = "frontend")]
+    pub frontends: Vec<FrontendConfig>,
+}
+
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange { min: 40000, max: 59999 };
+pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: Option<Spanned<String>>,
+    interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    mode: Mode,
+    snat_ports: Option<Spanned<PortRange>>,
+    max_flows: Option<Spanned<u32>>,
+    #[serde(default)]
+    manage_sysctls: bool,
+    #[serde(default)]
+    timeouts: Timeouts,
+    #[serde(default)]
+    frontend: Vec<RawFrontend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    address: Option<Spanned<Ipv4Addr>>,
+    port: Spanned<u16>,
+    backends: Spanned<Vec<Spanned<Backend>>>,
+}
+
+/// Locates byte offsets in the source text.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn at(&self, span: Range<usize>) -> String {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("{}:{line}:{col}", self.name)
+    }
+
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> Error {
+        Error::Config { at: self.at(span), message: message.into() }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile { path: path.into(), source })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `name` is used in error locations.
+    pub fn parse(text: &str, name: &str) -> Result<Config> {
+        let src = Source { name, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or_else(|| name.to_owned(), |s| src.at(s));
+            Error::Config { at, message: e.message().trim_end().to_owned() }
+        })?;
+        Config::validate(raw, &src)
+    }
+
+    fn validate(raw: RawConfig, src: &Source<'_>) -> Result<Config> {
+        let interfaces = match (raw.interface, raw.interfaces) {
+            (Some(_), Some(list)) => {
+                return Err(src.err(list.span(), "set either `interface` or `interfaces`, not both"));
+            }
+            (Some(one), None) => vec![one],
+            (None, Some(list)) => {
+                if list.get_ref().is_empty() {
+                    return Err(src.err(list.span(), "`interfaces` is empty: name at least one interface"));
+                }
+                list.into_inner()
+            }
+            (None, None) => {
+                return Err(src.err(0..0, "no interface: set `interface = \"eth0\"` (or `interfaces = [...]`)"));
+            }
+        };
+        let mut seen = HashSet::new();
+        for i in &interfaces {
+            let name = i.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(src.err(i.span(), format!("{name:?} is not a valid interface name")));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(src.err(i.span(), format!("interface {name:?} is listed twice")));
+            }
+        }
+        let interfaces = interfaces.into_iter().map(Spanned::into_inner).collect();
+
+        let snat_ports = match raw.snat_ports {
+            Some(r) => {
+                if r.get_ref().min < 1024 {
+                    return Err(src.err(r.span(), format!("snat_ports {}: must not include privileged ports below 1024", r.get_ref())));
+                }
+                if r.get_ref().max - r.get_ref().min < 63 {
+                    return Err(src.err(r.span(), format!("snat_ports {}: too small; give at least 64 ports", r.get_ref())));
+                }
+                (*r.get_ref(), Some(r.span()))
+            }
+            None => (DEFAULT_SNAT_PORTS, None),
+        };
+
+        let max_flows = match raw.max_flows {
+            Some(m) if !(1024..=16_777_216).contains(m.get_ref()) => {
+                return Err(src.err(m.span(), format!("max_flows {} must be between 1024 and 16777216", m.get_ref())));
+            }
+            Some(m) => m.into_inner(),
+            None => DEFAULT_MAX_FLOWS,
+        };
+
+        let mut frontends = Vec::with_capacity(raw.frontend.len());
+        let mut keys = BTreeMap::new();
+        for (n, f) in raw.frontend.into_iter().enumerate() {
+            let what = format!("frontend #{}", n + 1);
+            let port = *f.port.get_ref();
+            if port == 0 {
+                return Err(src.err(f.port.span(), format!("{what}: port 0 cannot be a frontend")));
+            }
+            if snat_ports.0.contains(port) {
+                let why = format!("{what}: port {port} is inside snat_ports {}; move one of them", snat_ports.0);
+                return Err(src.err(f.port.span(), why));
+            }
+            let address = f.address.as_ref().map(|a| *a.get_ref());
+            if let Some(a) = &f.address
+                && (a.get_ref().is_multicast() || a.get_ref().is_broadcast() || a.get_ref().is_unspecified())
+            {
+                return Err(src.err(a.span(), format!("{what}: {} cannot be a frontend address", a.get_ref())));
+            }
+            if let Some(prev) = keys.insert((address, port), n + 1) {
+                return Err(src.err(f.port.span(), format!("{what}: duplicate frontend, same as frontend #{prev}")));
+            }
+            let backends = f.backends.get_ref();
+            if backends.is_empty() {
+                return Err(src.err(f.backends.span(), format!("{what}: `backends` is empty")));
+            }
+            if backends.len() > 1 {
+                return Err(src.err(
+                    f.backends.span(),
+                    format!("{what}: {} backends given; this version forwards a frontend to exactly one", backends.len()),
+                ));
+            }
+            frontends.push((f, address, port));
+        }
+        // A backend that is itself a frontend would loop through the gateway.
+        for (f, _, _) in &frontends {
+            for b in f.backends.get_ref() {
+                let be = b.get_ref().0;
+                if keys.contains_key(&(Some(*be.ip()), be.port())) {
+                    return Err(src.err(b.span(), format!("backend {be} is itself a frontend of this gateway")));
+                }
+            }
+        }
+
+        Ok(Config {
+            interfaces,
+            mode: raw.mode,
+            snat_ports: snat_ports.0,
+            max_flows,
+            manage_sysctls: raw.manage_sysctls,
+            timeouts: raw.timeouts,
+            frontends: frontends
+                .into_iter()
+                .map(|(f, address, port)| FrontendConfig {
+                    address,
+                    port,
+                    backends: f.backends.into_inner().into_iter().map(Spanned::into_inner).collect(),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+mode = "native"
+snat_ports = "40000-59999"
+
+[timeouts]
+established = "3h"
+syn = 20
+
+[[frontend]]
+port = 9093
+backends = ["10.64.0.2:39092"]
+
+[[frontend]]
+port = 9094
+address = "10.0.0.5"
+backends = ["10.64.0.3:39092"]
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::parse(GOOD, "kpf.toml").unwrap();
+        assert_eq!(c.interfaces, ["eth0"]);
+        assert_eq!(c.mode, Mode::Native);
+        assert_eq!(c.snat_ports, PortRange { min: 40000, max: 59999 });
+        assert_eq!(c.timeouts.established.0, Duration::from_secs(3 * 3600));
+        assert_eq!(c.timeouts.syn.0, Duration::from_secs(20));
+        assert_eq!(c.timeouts.fin, Timeouts::default().fin);
+        assert_eq!(c.frontends.len(), 2);
+        assert_eq!(c.frontends[1].address, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(c.frontends[1].backends, [Backend("10.64.0.3:39092".parse().unwrap())]);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "kpf.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("interface = \"eth0\"\nbogus = 1\n", "kpf.toml:2:1", "unknown field `bogus`"),
+            ("interface = \"eth0\"\nmode = \"fast\"\n", "kpf.toml:2:8", "unknown variant `fast`"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.x:39092\"]\n", "kpf.toml:4:12", "is not an IPv4 address"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 0\nbackends = [\"10.64.0.2:39092\"]\n", "kpf.toml:3:8", "port 0"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 70000\nbackends = [\"10.64.0.2:39092\"]\n", "kpf.toml:3:8", ""),
+            ("interface = \"eth0\"\nsnat_ports = \"50000-40000\"\n", "kpf.toml:2:14", "non-empty"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 45000\nbackends = [\"10.64.0.2:39092\"]\n", "kpf.toml:3:8", "inside snat_ports"),
+            (
+                "interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.2:39092\"]\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.3:39092\"]\n",
+                "kpf.toml:6:8",
+                "duplicate frontend",
+            ),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = []\n", "kpf.toml:4:12", "empty"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.2:0\"]\n", "kpf.toml:4:12", "port 0"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"127.0.0.1:39092\"]\n", "kpf.toml:4:12", "loopback"),
+            (
+                "interface = \"eth0\"\n[[frontend]]\naddress = \"10.0.0.5\"\nport = 9093\nbackends = [\"10.0.0.5:9093\"]\n",
+                "kpf.toml:5:13",
+                "itself a frontend",
+            ),
+            ("interface = \"eth0\"\n[timeouts]\nsyn = \"soon\"\n", "kpf.toml:3:7", "not a duration"),
+            ("interface = \"eth0\"\n[timeouts]\nsyn = 0\n", "kpf.toml:3:7", "longer than zero"),
+            ("mode = \"auto\"\n", "kpf.toml", "no interface"),
+            ("interface = \"eth0\"\ninterfaces = [\"eth1\"]\n", "kpf.toml:2:14", "not both"),
+            ("interfaces = [\"eth0\", \"eth0\"]\n", "kpf.toml:1:23", "listed twice"),
+            ("interface = \"eth0\"\nmax_flows = 10\n", "kpf.toml:2:13", "max_flows"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.2:39092\", \"10.64.0.3:39092\"]\n", "kpf.toml:4:12", "exactly one"),
+        ];
+        let mut wrong = Vec::new();
+        for (text, at, what) in cases {
+            let e = err(text);
+            if !e.starts_with(&format!("{at}:")) && e != *at && !e.starts_with(&format!("{at}: ")) || !e.contains(what) {
+                wrong.push(format!("{text:?}\n  want {at} ... {what:?}\n  got  {e}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}

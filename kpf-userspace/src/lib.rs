@@ -1,0 +1,14 @@
+//! kpf: an XDP full-NAT forwarder from frontend ports to Kafka brokers.
+//!
+//! The binary (`src/main.rs`, `src/cli/`) is a thin clap layer over this library.
+
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod gc;
+pub mod loader;
+pub mod neigh;
+pub mod sysctl;
+
+pub use error::{Error, Result};

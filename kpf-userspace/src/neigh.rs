@@ -1,0 +1,98 @@
+//! Keeps the backends' next hops resolved, and notices when they change.
+//!
+//! The XDP program cannot hand a rewritten packet to the kernel to resolve ARP (its source is a
+//! local address, so the kernel would drop it as a martian); a SYN whose next hop has no
+//! neighbour entry is dropped and counted. So the daemon asks the kernel to keep a *managed*
+//! neighbour entry (`ip neigh ... managed`, Linux 5.16+) for every backend's next hop, which the
+//! kernel resolves and refreshes by itself. Whenever a route or a resolved MAC changes, the
+//! daemon bumps the FIB generation and connections look their next hop up again.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Where the kernel sends packets for one backend.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route {
+    pub dev: String,
+    pub next_hop: Ipv4Addr,
+    pub src: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHopState {
+    pub route: Route,
+    pub mac: Option<String>,
+    pub state: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(args).output().map_err(Error::io("running `ip` (is iproute2 installed?)"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("ip {}", args.join(" ")),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[derive(Deserialize)]
+struct RouteJson {
+    dev: String,
+    gateway: Option<Ipv4Addr>,
+    prefsrc: Option<Ipv4Addr>,
+}
+
+#[derive(Deserialize)]
+struct NeighJson {
+    lladdr: Option<String>,
+    #[serde(default)]
+    state: Vec<String>,
+}
+
+pub fn route_to(backend: Ipv4Addr) -> Result<Route> {
+    let text = ip(&["-j", "route", "get", &backend.to_string()])?;
+    let routes: Vec<RouteJson> = serde_json::from_str(&text)
+        .map_err(|e| Error::Environment(format!("unexpected `ip -j route get` output {text:?}: {e}")))?;
+    let r = routes.into_iter().next().ok_or_else(|| Error::Environment(format!("no route to backend {backend}")))?;
+    Ok(Route { dev: r.dev, next_hop: r.gateway.unwrap_or(backend), src: r.prefsrc })
+}
+
+fn neighbour(route: &Route) -> Result<Option<NeighJson>> {
+    let text = ip(&["-j", "neigh", "show", &route.next_hop.to_string(), "dev", &route.dev])?;
+    let n: Vec<NeighJson> = serde_json::from_str(&text)
+        .map_err(|e| Error::Environment(format!("unexpected `ip -j neigh` output {text:?}: {e}")))?;
+    Ok(n.into_iter().next())
+}
+
+/// Makes sure the kernel keeps `route`'s next hop resolved. A permanent (static) entry an
+/// operator made is left alone.
+pub fn keep_resolved(route: &Route) -> Result<()> {
+    if let Some(n) = neighbour(route)?
+        && n.state.iter().any(|s| s == "PERMANENT" || s == "NOARP")
+    {
+        return Ok(());
+    }
+    ip(&["neigh", "replace", &route.next_hop.to_string(), "dev", &route.dev, "managed"]).map(drop)
+}
+
+/// The current routes and neighbour states of `backends`' next hops; an entry per backend.
+pub fn snapshot(backends: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, Result<NextHopState, String>> {
+    backends
+        .iter()
+        .map(|&b| {
+            let state = route_to(b).and_then(|route| {
+                let n = neighbour(&route)?;
+                Ok(NextHopState {
+                    mac: n.as_ref().and_then(|n| n.lladdr.clone()),
+                    state: n.map(|n| n.state).unwrap_or_default(),
+                    route,
+                })
+            });
+            (b, state.map_err(|e| e.to_string()))
+        })
+        .collect()
+}

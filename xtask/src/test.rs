@@ -1,0 +1,49 @@
+//! `cargo xtask test`: the project's test command. Runs, in order, stopping at the first failure:
+//! 1. `cargo test -p kpf-common` (unprivileged unit tests),
+//! 2. `cargo build --release -p kpf` (userspace binary with the embedded XDP program),
+//! 3. `cargo test --release -p kpf-tests -- --test-threads=1` (integration tests; need root).
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::util::{self, cargo, is_root};
+
+#[derive(Args)]
+pub struct Options {
+    /// Skip the integration tests that need root instead of failing when they cannot run.
+    #[arg(long)]
+    pub unprivileged_only: bool,
+    /// Extra arguments for the integration tests' test harness (e.g. a test name filter).
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    util::run(cargo().args(["test", "-p", "kpf-common"]))?;
+    util::run(cargo().args(["build", "--release", "-p", "kpf"]))?;
+
+    if opts.unprivileged_only {
+        println!("test: skipping the root integration tests (kpf-tests): --unprivileged-only");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the integration tests (kpf-tests) need root and were skipped; run `cargo xtask test` \
+             as root, or pass --unprivileged-only to run only the unprivileged steps"
+        );
+    }
+    util::run(
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "kpf-tests",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(&opts.test_args),
+    )?;
+    println!("test: all passed");
+    Ok(())
+}
