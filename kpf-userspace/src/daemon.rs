@@ -21,6 +21,10 @@ use crate::{
 
 const GC_INTERVAL: Duration = Duration::from_secs(5);
 const NEIGH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long start-up waits for the kernel to resolve the backends' next hops, so the first SYN
+/// is not dropped for want of a MAC. A backend still unresolved after that is logged, not fatal:
+/// it may simply be down.
+const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(3);
 
 pub struct Options {
     pub mode: Option<Mode>,
@@ -67,6 +71,7 @@ impl Daemon {
         let mut d = Daemon { config, dp, kernel, next_hops: BTreeMap::new() };
         d.install_frontends()?;
         d.refresh_next_hops(true);
+        d.await_next_hops(NEIGH_STARTUP_WAIT);
 
         let mode = opts.mode.unwrap_or(d.config.mode);
         for iface in d.config.interfaces.clone() {
@@ -110,7 +115,7 @@ impl Daemon {
         for (backend, state) in snapshot {
             let now = match state {
                 Ok(s) => {
-                    if s.mac.is_none() || s.state.iter().all(|st| st != "REACHABLE" && st != "PERMANENT" && st != "NOARP") {
+                    if !s.resolved() || !s.managed_or_static() {
                         if let Err(e) = neigh::keep_resolved(&s.route) {
                             log::warn!("backend {backend}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
                         }
@@ -137,6 +142,26 @@ impl Daemon {
             if let Err(e) = self.dp.set_kernel_config(&self.kernel) {
                 log::error!("cannot publish the new FIB generation: {e}");
             }
+        }
+    }
+
+    fn await_next_hops(&mut self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let pending: Vec<Ipv4Addr> = neigh::snapshot(&self.backend_ips())
+                .into_iter()
+                .filter(|(_, s)| !s.as_ref().is_ok_and(neigh::NextHopState::resolved))
+                .map(|(b, _)| b)
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let list: Vec<String> = pending.iter().map(ToString::to_string).collect();
+                log::warn!("next hop not resolved yet for backend(s) {}; their new connections wait for it", list.join(", "));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

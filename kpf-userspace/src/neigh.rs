@@ -26,6 +26,19 @@ pub struct NextHopState {
     pub route: Route,
     pub mac: Option<String>,
     pub state: Vec<String>,
+    pub managed: bool,
+}
+
+impl NextHopState {
+    /// Has a MAC the FIB lookup can use.
+    pub fn resolved(&self) -> bool {
+        self.mac.is_some() && !self.state.iter().any(|s| s == "FAILED" || s == "INCOMPLETE")
+    }
+
+    /// The kernel keeps it resolved by itself (or an operator pinned it).
+    pub fn managed_or_static(&self) -> bool {
+        self.managed || self.state.iter().any(|s| s == "PERMANENT" || s == "NOARP")
+    }
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -51,6 +64,13 @@ struct NeighJson {
     lladdr: Option<String>,
     #[serde(default)]
     state: Vec<String>,
+    /// Present (as null) when the entry has the managed flag.
+    #[serde(default, deserialize_with = "present")]
+    managed: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 pub fn route_to(backend: Ipv4Addr) -> Result<Route> {
@@ -88,6 +108,7 @@ pub fn snapshot(backends: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, Result<NextHopState
                 let n = neighbour(&route)?;
                 Ok(NextHopState {
                     mac: n.as_ref().and_then(|n| n.lladdr.clone()),
+                    managed: n.as_ref().is_some_and(|n| n.managed),
                     state: n.map(|n| n.state).unwrap_or_default(),
                     route,
                 })
