@@ -191,11 +191,13 @@ impl Daemon {
     }
 }
 
-/// Runs until SIGTERM or SIGINT. Prints `ready` on stdout once traffic is being forwarded.
+/// Runs until SIGTERM or SIGINT. Prints `ready` on stdout once traffic is being forwarded;
+/// SIGUSR1 logs the counters.
 pub async fn run(config: Config, opts: Options) -> Result<()> {
     let mut d = Daemon::start(config, &opts)?;
     let sig = |k| signal(k).map_err(Error::io("installing signal handlers"));
     let (mut term, mut int, mut hup) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
+    let mut usr1 = sig(SignalKind::user_defined1())?;
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "ready");
@@ -210,6 +212,7 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => log::warn!("SIGHUP: live reload is not available in this version; restart kpf to apply config changes"),
+            _ = usr1.recv() => d.log_counters(),
             _ = gc_tick.tick() => d.collect_garbage(),
             _ = neigh_tick.tick() => d.refresh_next_hops(false),
         }

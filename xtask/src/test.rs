@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the project's test command. Runs, in order, stopping at the first failure:
-//! 1. `cargo test -p kpf-common` (unprivileged unit tests),
+//! 1. unit tests that need no kernel: `kpf-common`, and the `kpf` library (config, sysctl logic),
 //! 2. `cargo build --release -p kpf` (userspace binary with the embedded XDP program),
-//! 3. `cargo test --release -p kpf-tests -- --test-threads=1` (integration tests; need root).
+//! 3. as root: the BPF_PROG_TEST_RUN fixtures (`kpf --test fixtures`), then the namespace tests
+//!    (`kpf-tests`, one at a time), after sweeping namespaces a killed earlier run left behind.
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -19,7 +20,7 @@ pub struct Options {
 }
 
 pub fn run(opts: Options) -> Result<()> {
-    util::run(cargo().args(["test", "-p", "kpf-common"]))?;
+    util::run(cargo().args(["test", "-p", "kpf-common", "-p", "kpf", "--lib"]))?;
     util::run(cargo().args(["build", "--release", "-p", "kpf"]))?;
 
     if opts.unprivileged_only {
@@ -32,6 +33,10 @@ pub fn run(opts: Options) -> Result<()> {
              as root, or pass --unprivileged-only to run only the unprivileged steps"
         );
     }
+    for name in kpf_tests::netns::sweep_stale()? {
+        println!("test: removed namespace {name} left by an earlier, killed run");
+    }
+    util::run(cargo().args(["test", "--release", "-p", "kpf", "--test", "fixtures"]))?;
     util::run(
         cargo()
             .args([
