@@ -6,7 +6,7 @@ use std::{
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     ops::Range,
-    path::Path,
+    path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
@@ -205,10 +205,10 @@ impl Timeouts {
 }
 
 /// One mapped port.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendConfig {
     /// The local address it answers on; `None` for every local address.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
     pub port: u16,
     pub backends: Vec<Backend>,
@@ -234,9 +234,16 @@ pub struct Config {
     /// checking it.
     pub manage_sysctls: bool,
     pub timeouts: Timeouts,
+    /// bpffs directory for the pinned maps and links that outlive the daemon.
+    pub pin_dir: PathBuf,
+    /// The control socket the CLI talks to.
+    pub socket: PathBuf,
     #[serde(rename = "frontend")]
     pub frontends: Vec<FrontendConfig>,
 }
+
+pub const DEFAULT_PIN_DIR: &str = crate::pin::DEFAULT_DIR;
+pub const DEFAULT_SOCKET: &str = "/run/kpf/kpf.sock";
 
 pub const DEFAULT_SNAT_PORTS: PortRange = PortRange { min: 40000, max: 59999 };
 pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
@@ -254,6 +261,8 @@ struct RawConfig {
     manage_sysctls: bool,
     #[serde(default)]
     timeouts: Timeouts,
+    pin_dir: Option<Spanned<PathBuf>>,
+    socket: Option<Spanned<PathBuf>>,
     #[serde(default)]
     frontend: Vec<RawFrontend>,
 }
@@ -350,48 +359,36 @@ impl Config {
             None => DEFAULT_MAX_FLOWS,
         };
 
-        let mut frontends = Vec::with_capacity(raw.frontend.len());
-        let mut keys = BTreeMap::new();
-        for (n, f) in raw.frontend.into_iter().enumerate() {
-            let what = format!("frontend #{}", n + 1);
-            let port = *f.port.get_ref();
-            if port == 0 {
-                return Err(src.err(f.port.span(), format!("{what}: port 0 cannot be a frontend")));
-            }
-            if snat_ports.0.contains(port) {
-                let why = format!("{what}: port {port} is inside snat_ports {}; move one of them", snat_ports.0);
-                return Err(src.err(f.port.span(), why));
-            }
-            let address = f.address.as_ref().map(|a| *a.get_ref());
-            if let Some(a) = &f.address
-                && (a.get_ref().is_multicast() || a.get_ref().is_broadcast() || a.get_ref().is_unspecified())
-            {
-                return Err(src.err(a.span(), format!("{what}: {} cannot be a frontend address", a.get_ref())));
-            }
-            if let Some(prev) = keys.insert((address, port), n + 1) {
-                return Err(src.err(f.port.span(), format!("{what}: duplicate frontend, same as frontend #{prev}")));
-            }
-            let backends = f.backends.get_ref();
-            if backends.is_empty() {
-                return Err(src.err(f.backends.span(), format!("{what}: `backends` is empty")));
-            }
-            if backends.len() > 1 {
-                return Err(src.err(
-                    f.backends.span(),
-                    format!("{what}: {} backends given; this version forwards a frontend to exactly one", backends.len()),
-                ));
-            }
-            frontends.push((f, address, port));
+        let frontends: Vec<FrontendConfig> = raw
+            .frontend
+            .iter()
+            .map(|f| FrontendConfig {
+                address: f.address.as_ref().map(|a| *a.get_ref()),
+                port: *f.port.get_ref(),
+                backends: f.backends.get_ref().iter().map(|b| *b.get_ref()).collect(),
+            })
+            .collect();
+        if let Err(p) = check_frontends(&frontends, snat_ports.0) {
+            let f = &raw.frontend[p.frontend];
+            let span = match p.field {
+                Field::Port => f.port.span(),
+                Field::Address => f.address.as_ref().map_or(f.port.span(), Spanned::span),
+                Field::Backends => f.backends.span(),
+                Field::Backend(i) => f.backends.get_ref()[i].span(),
+            };
+            return Err(src.err(span, format!("frontend #{}: {}", p.frontend + 1, p.message)));
         }
-        // A backend that is itself a frontend would loop through the gateway.
-        for (f, _, _) in &frontends {
-            for b in f.backends.get_ref() {
-                let be = b.get_ref().0;
-                if keys.contains_key(&(Some(*be.ip()), be.port())) {
-                    return Err(src.err(b.span(), format!("backend {be} is itself a frontend of this gateway")));
+        let absolute = |p: Option<Spanned<PathBuf>>, default: &str, key: &str| -> Result<PathBuf> {
+            match p {
+                Some(p) if !p.get_ref().is_absolute() => {
+                    Err(src.err(p.span(), format!("{key} must be an absolute path, not {:?}", p.get_ref())))
                 }
+                Some(p) => Ok(p.into_inner()),
+                None => Ok(PathBuf::from(default)),
             }
-        }
+        };
+        let pin_dir = absolute(raw.pin_dir, DEFAULT_PIN_DIR, "pin_dir")?;
+        let socket = absolute(raw.socket, DEFAULT_SOCKET, "socket")?;
 
         Ok(Config {
             interfaces,
@@ -400,16 +397,77 @@ impl Config {
             max_flows,
             manage_sysctls: raw.manage_sysctls,
             timeouts: raw.timeouts,
-            frontends: frontends
-                .into_iter()
-                .map(|(f, address, port)| FrontendConfig {
-                    address,
-                    port,
-                    backends: f.backends.into_inner().into_iter().map(Spanned::into_inner).collect(),
-                })
-                .collect(),
+            pin_dir,
+            socket,
+            frontends,
         })
     }
+
+    /// The config as TOML, for writing back.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).expect("a validated config always serialises");
+        format!("# kpf config. `kpf map ...` and `kpf apply` rewrite this file; comments are not kept.\n{body}")
+    }
+
+    pub fn frontend(&self, address: Option<Ipv4Addr>, port: u16) -> Option<&FrontendConfig> {
+        self.frontends.iter().find(|f| f.address == address && f.port == port)
+    }
+}
+
+/// Which part of a frontend a [`Problem`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    Port,
+    Address,
+    Backends,
+    Backend(usize),
+}
+
+/// A frontend that cannot be accepted: its index, the field, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub frontend: usize,
+    pub field: Field,
+    pub message: String,
+}
+
+/// Every rule a set of frontends must satisfy, whether it comes from a file or the CLI.
+pub fn check_frontends(frontends: &[FrontendConfig], snat_ports: PortRange) -> Result<(), Problem> {
+    let problem = |frontend, field, message: String| Err(Problem { frontend, field, message });
+    let mut keys = BTreeMap::new();
+    for (n, f) in frontends.iter().enumerate() {
+        if f.port == 0 {
+            return problem(n, Field::Port, "port 0 cannot be a frontend".into());
+        }
+        if snat_ports.contains(f.port) {
+            return problem(n, Field::Port, format!("port {} is inside snat_ports {snat_ports}; move one of them", f.port));
+        }
+        if let Some(a) = f.address
+            && (a.is_multicast() || a.is_broadcast() || a.is_unspecified())
+        {
+            return problem(n, Field::Address, format!("{a} cannot be a frontend address"));
+        }
+        if let Some(prev) = keys.insert((f.address, f.port), n) {
+            return problem(n, Field::Port, format!("duplicate frontend {}, same as frontend #{}", f.label(), prev + 1));
+        }
+        if f.backends.is_empty() {
+            return problem(n, Field::Backends, "`backends` is empty".into());
+        }
+        if f.backends.len() > 1 {
+            let msg = format!("{} backends given; this version forwards a frontend to exactly one", f.backends.len());
+            return problem(n, Field::Backends, msg);
+        }
+    }
+    // A backend that is itself a frontend would loop through the gateway.
+    for (n, f) in frontends.iter().enumerate() {
+        for (i, b) in f.backends.iter().enumerate() {
+            let ip = *b.0.ip();
+            if keys.contains_key(&(Some(ip), b.0.port())) {
+                return problem(n, Field::Backend(i), format!("backend {b} is itself a frontend of this gateway"));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,22 +1,38 @@
-//! `kpf run`: load, configure and attach the program, then keep it fed until told to stop.
+//! `kpf run`: load, configure and attach the program, then keep it fed and answer the CLI until
+//! told to stop.
+//!
+//! The kernel state outlives the daemon: maps and XDP links are pinned (see `pin.rs`), so SIGTERM,
+//! a crash or `kill -9` leaves forwarding running, and the next `kpf run` adopts what it finds
+//! (same conntrack table, its own program swapped into the pinned links). `kpf down` is the one
+//! way to detach and forget everything.
+//!
+//! Every change — start-up, `kpf map ...`, `kpf apply`, SIGHUP — goes the same way: build the
+//! desired config, validate it whole, converge the kernel's frontend map to it, write the config
+//! file. Any failure rolls the kernel back, so a rejected change changes nothing.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write,
     net::Ipv4Addr,
-    time::Duration,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use kpf_common::{Config as KernelConfig, Frontend};
+use kpf_common::{Config as KernelConfig, Direction, FlowKey, Frontend, FrontendKey, MAX_FRONTENDS, tcp};
+use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     clock,
-    config::{Config, Mode},
+    config::{Backend, Config, FrontendConfig, Mode, check_frontends},
+    control::{Request, Response},
     error::{Error, Result},
     gc,
-    loader::{self, Dataplane},
-    neigh, sysctl,
+    loader::{self, Attached, Attachment, Dataplane},
+    neigh,
+    pin::PinDir,
+    plan::{self, Plan},
+    server, sysctl,
 };
 
 const GC_INTERVAL: Duration = Duration::from_secs(5);
@@ -25,18 +41,29 @@ const NEIGH_INTERVAL: Duration = Duration::from_secs(2);
 /// is not dropped for want of a MAC. A backend still unresolved after that is logged, not fatal:
 /// it may simply be down.
 const NEIGH_STARTUP_WAIT: Duration = Duration::from_secs(3);
+/// The same for a backend added while running.
+const NEIGH_CHANGE_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Options {
+    /// Overrides the config's attach mode.
     pub mode: Option<Mode>,
+    /// Where accepted changes are written back; `None` keeps them in memory only.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Everything the running daemon owns.
 pub struct Daemon {
     config: Config,
+    config_path: Option<PathBuf>,
+    pins: PinDir,
     dp: Dataplane,
     kernel: KernelConfig,
     /// Last seen (route, MAC) of each backend's next hop.
     next_hops: BTreeMap<Ipv4Addr, Option<(neigh::Route, Option<String>)>>,
+    /// Where the search for a free frontend id starts, so a just-freed id (whose connections may
+    /// still be draining) is not handed out again at once.
+    next_id: u32,
+    started: Instant,
 }
 
 fn require_root() -> Result<()> {
@@ -49,55 +76,282 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// The gateway's own IPv4 addresses.
+fn local_addresses() -> Result<HashSet<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free once.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(Error::io("listing local addresses")(std::io::Error::last_os_error()));
+    }
+    let mut out = HashSet::new();
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs returned; ifa_addr may be null.
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            out.insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// kpf forwards to other hosts only: a backend on one of the gateway's own addresses cannot be
+/// reached by a forwarded packet (and with a matching frontend would loop).
+fn check_backends_remote(config: &Config) -> Result<()> {
+    let local = local_addresses()?;
+    for f in &config.frontends {
+        for b in &f.backends {
+            if local.contains(b.0.ip()) {
+                return Err(Error::Rejected(format!(
+                    "frontend {}: backend {b} is an address of this gateway; kpf forwards to other hosts only",
+                    f.label()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` so that a reader sees the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.kpf-{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("config"), std::process::id()));
+    let what = |w: &str| format!("{w} {}", tmp.display());
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(Error::io(what("creating")))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(Error::io(what("chmod")))?;
+        f.write_all(text.as_bytes()).map_err(Error::io(what("writing")))?;
+        f.sync_all().map_err(Error::io(what("syncing")))?;
+        std::fs::rename(&tmp, path).map_err(Error::io(format!("replacing {}", path.display())))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendStatus {
+    pub frontend: String,
+    pub backends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub live_flows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub config: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub interfaces: Vec<Attachment>,
+    pub frontends: Vec<FrontendStatus>,
+    pub tracked_connections: u64,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    pub client: String,
+    pub frontend: String,
+    pub gateway: String,
+    pub backend: String,
+    pub state: &'static str,
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 impl Daemon {
-    /// Checks the host, loads the program, fills its maps and attaches it.
-    pub fn start(config: Config, opts: &Options) -> Result<Daemon> {
+    /// Checks the host, loads the program (adopting pinned state), fills its maps and attaches.
+    pub fn start(mut config: Config, opts: Options) -> Result<Daemon> {
         require_root()?;
+        if let Some(m) = opts.mode {
+            config.mode = m;
+        }
         for iface in &config.interfaces {
             loader::ifindex(iface)?;
             sysctl::ensure_forwarding(iface, config.manage_sysctls)?;
         }
         sysctl::ensure_snat_ports(config.snat_ports, config.manage_sysctls)?;
+        check_backends_remote(&config)?;
 
-        let dp = Dataplane::load(config.max_flows)?;
+        let pins = PinDir::new(&config.pin_dir);
+        pins.prepare()?;
+        let adopting = pins.exists();
+        let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
+        // An adopted table keeps its hash seed and routing generation: flows stay as they are.
+        let previous = if adopting { dp.kernel_config().ok().filter(|k| k.snat_port_max != 0) } else { None };
         let kernel = KernelConfig {
             timeouts_ns: config.timeouts.to_kernel(),
             snat_port_min: config.snat_ports.min,
             snat_port_max: config.snat_ports.max,
-            hash_seed: rand::random(),
-            fib_gen: 0,
-            min_mtu: 1500,
+            hash_seed: previous.map_or_else(rand::random, |k| k.hash_seed),
+            fib_gen: previous.map_or(0, |k| k.fib_gen),
+            min_mtu: previous.map_or(1500, |k| k.min_mtu),
         };
-        let mut d = Daemon { config, dp, kernel, next_hops: BTreeMap::new() };
-        d.install_frontends()?;
+        let mut d = Daemon {
+            config: config.clone(),
+            config_path: opts.config_path,
+            pins,
+            dp,
+            kernel,
+            next_hops: BTreeMap::new(),
+            next_id: 0,
+            started: Instant::now(),
+        };
+        d.dp.set_kernel_config(&d.kernel)?;
+        d.converge_frontends(&config.frontends, &HashSet::new())?;
         d.refresh_next_hops(true);
         d.await_next_hops(NEIGH_STARTUP_WAIT);
 
-        let mode = opts.mode.unwrap_or(d.config.mode);
-        for iface in d.config.interfaces.clone() {
-            let m = d.dp.attach(&iface, mode)?;
-            log::info!("attached to {iface} in {} mode", m.as_str());
+        for iface in &config.interfaces {
+            match d.dp.attach_pinned(iface, config.mode, &d.pins)? {
+                Attached::Fresh(m) => log::info!("attached to {iface} in {} mode", m.as_str()),
+                Attached::Adopted(m) => {
+                    log::info!("adopted the pinned {} link on {iface}: new program swapped in", m.as_str())
+                }
+            }
+        }
+        let configured: HashSet<u32> = d.dp.attachments().iter().map(|a| a.ifindex).collect();
+        for (ifindex, _) in d.pins.pinned_links()? {
+            if !configured.contains(&ifindex) {
+                log::info!("detaching from interface #{ifindex}: no longer configured");
+                loader::unpin_link(&d.pins, ifindex)?;
+            }
         }
         d.kernel.min_mtu = d.dp.min_mtu()?;
         d.dp.set_kernel_config(&d.kernel)?;
+        if adopting {
+            log::info!("adopted pinned state in {}", d.pins.root().display());
+        }
         Ok(d)
     }
 
-    fn install_frontends(&mut self) -> Result<()> {
-        self.dp.set_kernel_config(&self.kernel)?;
-        for (id, f) in self.config.frontends.iter().enumerate() {
+    /// Makes the kernel's frontend map hold exactly `desired`. Frontends in `reset` lose their
+    /// connections too; every other connection is left alone (removed frontends drain).
+    fn converge_frontends(&mut self, desired: &[FrontendConfig], reset: &HashSet<FrontendKey>) -> Result<()> {
+        let current: HashMap<FrontendKey, Frontend> = self.dp.frontends()?.into_iter().collect();
+        let wanted: HashMap<FrontendKey, &FrontendConfig> =
+            desired.iter().map(|f| (loader::frontend_key(f.address, f.port), f)).collect();
+
+        for (key, fe) in &current {
+            if wanted.contains_key(key) && !reset.contains(key) {
+                continue;
+            }
+            if reset.contains(key) {
+                self.reset_flows(fe.id)?;
+            }
+            if !wanted.contains_key(key) {
+                self.dp.remove_frontend(*key)?;
+            }
+        }
+        let mut used: HashSet<u32> =
+            current.iter().filter(|(k, _)| wanted.contains_key(k)).map(|(_, f)| f.id).collect();
+        for (key, f) in &wanted {
             let b = f.backends[0].0;
-            let fe = Frontend {
-                id: id as u32,
+            let mut fe = Frontend {
+                id: 0,
                 backend_addr: kpf_common::wire::addr(*b.ip()),
                 backend_port: kpf_common::wire::port(b.port()),
                 flags: 0,
             };
-            self.dp.reset_frontend_stats(id as u32)?;
-            self.dp.set_frontend(loader::frontend_key(f.address, f.port), fe)?;
-            log::info!("frontend {} -> {b}", f.label());
+            match current.get(key) {
+                Some(old) => {
+                    fe.id = old.id;
+                    if *old == fe {
+                        continue;
+                    }
+                }
+                None => {
+                    fe.id = self.free_id(&used)?;
+                    used.insert(fe.id);
+                    self.dp.reset_frontend_stats(fe.id)?;
+                }
+            }
+            self.dp.set_frontend(*key, fe)?;
         }
         Ok(())
+    }
+
+    fn free_id(&mut self, used: &HashSet<u32>) -> Result<u32> {
+        for i in 0..MAX_FRONTENDS {
+            let id = (self.next_id + i) % MAX_FRONTENDS;
+            if !used.contains(&id) {
+                self.next_id = (id + 1) % MAX_FRONTENDS;
+                return Ok(id);
+            }
+        }
+        Err(Error::Rejected(format!("no room for another frontend (at most {MAX_FRONTENDS})")))
+    }
+
+    /// Forgets every connection of frontend `id`: the next packet from either side reaches the
+    /// kernel, which has no such connection and answers RST.
+    fn reset_flows(&mut self, id: u32) -> Result<usize> {
+        let mut n = 0;
+        for (key, flow) in self.dp.flows()? {
+            if flow.frontend_id == id {
+                self.dp.remove_flow(&key)?;
+                n += 1;
+            }
+        }
+        log::info!("reset {} connection(s) of frontend id {id}", n / 2);
+        Ok(n)
+    }
+
+    /// Converges everything to `desired` and records it; on any failure restores the previous
+    /// state and reports why. Returns what changed.
+    fn change(&mut self, desired: Config, reset: &HashSet<FrontendKey>) -> Result<Plan> {
+        let plan = plan::plan(&self.config, &desired);
+        if plan.is_empty() && reset.is_empty() {
+            return Ok(plan);
+        }
+        if desired.snat_ports != self.config.snat_ports {
+            sysctl::ensure_snat_ports(desired.snat_ports, desired.manage_sysctls)?;
+        }
+        let old = self.config.clone();
+        let old_kernel = self.kernel;
+        let result = (|| {
+            self.kernel.timeouts_ns = desired.timeouts.to_kernel();
+            self.kernel.snat_port_min = desired.snat_ports.min;
+            self.kernel.snat_port_max = desired.snat_ports.max;
+            self.dp.set_kernel_config(&self.kernel)?;
+            self.converge_frontends(&desired.frontends, reset)?;
+            if let Some(path) = &self.config_path {
+                write_atomic(path, &desired.to_toml())?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.kernel = old_kernel;
+            let restored = self.dp.set_kernel_config(&self.kernel).and_then(|()| self.converge_frontends(&old.frontends, &HashSet::new()));
+            if let Err(r) = restored {
+                log::error!("could not restore the previous mappings after a failed change: {r}");
+            }
+            return Err(e);
+        }
+        self.config = desired;
+        for c in &plan.changes {
+            log::info!("applied: {c}");
+        }
+        self.refresh_next_hops(false);
+        self.await_next_hops(NEIGH_CHANGE_WAIT);
+        Ok(plan)
     }
 
     fn backend_ips(&self) -> Vec<Ipv4Addr> {
@@ -129,15 +383,13 @@ impl Daemon {
                     None
                 }
             };
-            if self.next_hops.get(&backend) != Some(&now) {
-                if !first {
-                    log::info!("backend {backend}: next hop now {now:?}");
-                }
+            let previous = self.next_hops.insert(backend, now.clone());
+            if previous.is_some_and(|p| p != now) {
+                log::info!("backend {backend}: next hop now {now:?}");
                 changed = true;
-                self.next_hops.insert(backend, now);
             }
         }
-        if changed && !first {
+        if changed {
             self.kernel.fib_gen = self.kernel.fib_gen.wrapping_add(1);
             if let Err(e) = self.dp.set_kernel_config(&self.kernel) {
                 log::error!("cannot publish the new FIB generation: {e}");
@@ -146,7 +398,7 @@ impl Daemon {
     }
 
     fn await_next_hops(&mut self, limit: Duration) {
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = Instant::now() + limit;
         loop {
             let pending: Vec<Ipv4Addr> = neigh::snapshot(&self.backend_ips())
                 .into_iter()
@@ -156,7 +408,7 @@ impl Daemon {
             if pending.is_empty() {
                 return;
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 let list: Vec<String> = pending.iter().map(ToString::to_string).collect();
                 log::warn!("next hop not resolved yet for backend(s) {}; their new connections wait for it", list.join(", "));
                 return;
@@ -173,51 +425,248 @@ impl Daemon {
         }
     }
 
-    fn log_counters(&self) {
-        if let Ok(counters) = self.dp.counters() {
-            let text: Vec<String> =
-                counters.iter().filter(|(_, v)| *v > 0).map(|(c, v)| format!("{}={v}", c.name())).collect();
-            log::info!("counters: {}", if text.is_empty() { "all zero".into() } else { text.join(" ") });
+    pub fn status(&self) -> Result<Status> {
+        let now = clock::coarse_now_ns();
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        let mut tracked = 0;
+        for (_, f) in self.dp.flows()? {
+            if f.direction == Direction::Original as u8 && !tcp::expired(&self.kernel.timeouts_ns, f.state, f.last_seen_ns, now) {
+                *live.entry(f.frontend_id).or_default() += 1;
+                tracked += 1;
+            }
         }
-        for (id, f) in self.config.frontends.iter().enumerate() {
-            if let Ok(s) = self.dp.frontend_stats(id as u32) {
-                log::info!("frontend {}: packets={} bytes={} new_flows={}", f.label(), s.packets, s.bytes, s.new_flows);
+        let ids: HashMap<FrontendKey, u32> = self.dp.frontends()?.into_iter().map(|(k, f)| (k, f.id)).collect();
+        let mut frontends = Vec::new();
+        for f in &self.config.frontends {
+            let id = ids.get(&loader::frontend_key(f.address, f.port)).copied();
+            let s = match id {
+                Some(id) => self.dp.frontend_stats(id)?,
+                None => Default::default(),
+            };
+            frontends.push(FrontendStatus {
+                frontend: f.label(),
+                backends: f.backends.iter().map(ToString::to_string).collect(),
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+                live_flows: id.and_then(|id| live.get(&id).copied()).unwrap_or(0),
+            });
+        }
+        Ok(Status {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config_path.clone(),
+            pin_dir: self.config.pin_dir.clone(),
+            socket: self.config.socket.clone(),
+            interfaces: self.dp.attachments().to_vec(),
+            frontends,
+            tracked_connections: tracked,
+            counters: self.dp.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect(),
+        })
+    }
+
+    /// Live connections (one row each, from the client's side), optionally of one frontend port.
+    pub fn flows(&self, port: Option<u16>) -> Result<Vec<FlowView>> {
+        let now = clock::coarse_now_ns();
+        let all: HashMap<FlowKey, kpf_common::Flow> = self.dp.flows()?.into_iter().collect();
+        let mut out = Vec::new();
+        for (k, f) in &all {
+            if f.direction != Direction::Original as u8 {
+                continue;
+            }
+            if port.is_some_and(|p| kpf_common::wire::port(p) != k.dst_port) {
+                continue;
+            }
+            let reply = all.get(&FlowKey::reply_of(&f.nat));
+            let last = reply.map_or(f.last_seen_ns, |r| r.last_seen_ns.max(f.last_seen_ns));
+            let secs = |ns: u64| (ns as f64 / 1e9 * 10.0).round() / 10.0;
+            out.push(FlowView {
+                client: loader::endpoint(k.src_addr, k.src_port).to_string(),
+                frontend: loader::endpoint(k.dst_addr, k.dst_port).to_string(),
+                gateway: loader::endpoint(f.nat.src_addr, f.nat.src_port).to_string(),
+                backend: loader::endpoint(f.nat.dst_addr, f.nat.dst_port).to_string(),
+                state: tcp::State::from_u8(f.state).map_or("unknown", tcp::State::name),
+                age_s: secs(now.saturating_sub(f.created_ns)),
+                idle_s: secs(now.saturating_sub(last)),
+                packets: f.packets + reply.map_or(0, |r| r.packets),
+                bytes: f.bytes + reply.map_or(0, |r| r.bytes),
+            });
+        }
+        out.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+        Ok(out)
+    }
+
+    fn find(&self, address: Option<Ipv4Addr>, port: u16) -> Result<usize> {
+        self.config.frontends.iter().position(|f| f.address == address && f.port == port).ok_or_else(|| {
+            let label = FrontendConfig { address, port, backends: vec![] }.label();
+            Error::Rejected(format!("no frontend {label}; `kpf map ls` lists them"))
+        })
+    }
+
+    fn validated(&self, desired: Config) -> Result<Config> {
+        check_frontends(&desired.frontends, desired.snat_ports).map_err(|p| {
+            let label = desired.frontends.get(p.frontend).map_or_else(String::new, FrontendConfig::label);
+            Error::Rejected(format!("frontend {label}: {}", p.message))
+        })?;
+        check_backends_remote(&desired)?;
+        Ok(desired)
+    }
+
+    fn backend(text: &str) -> Result<Backend> {
+        text.parse().map_err(Error::Rejected)
+    }
+
+    /// Answers one control request; the bool asks the daemon to exit afterwards.
+    pub fn handle(&mut self, req: Request, uid: u32) -> (Response, bool) {
+        if req.mutates() && uid != 0 {
+            let msg = format!("permission denied: changing kpf needs root; this request came from uid {uid}");
+            return (Response::Err { error: msg }, false);
+        }
+        let exit = matches!(req, Request::Down);
+        let result = self.dispatch(req);
+        match result {
+            Ok(v) => (Response::Ok { ok: v }, exit),
+            Err(e) => (Response::Err { error: e.to_string() }, false),
+        }
+    }
+
+    fn dispatch(&mut self, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::MapLs => json(&self.config.frontends),
+            Request::Status => json(&self.status()?),
+            Request::Flows { port } => json(&self.flows(port)?),
+            Request::MapAdd { port, address, backend } => {
+                let b = Self::backend(&backend)?;
+                if self.find(address, port).is_ok() {
+                    let label = FrontendConfig { address, port, backends: vec![] }.label();
+                    return Err(Error::Rejected(format!(
+                        "frontend {label} already exists; `kpf map set` changes its backend"
+                    )));
+                }
+                let mut desired = self.config.clone();
+                desired.frontends.push(FrontendConfig { address, port, backends: vec![b] });
+                let desired = self.validated(desired)?;
+                json(&self.change(desired, &HashSet::new())?)
+            }
+            Request::MapSet { port, address, backend } => {
+                let b = Self::backend(&backend)?;
+                let i = self.find(address, port)?;
+                let mut desired = self.config.clone();
+                desired.frontends[i].backends = vec![b];
+                let desired = self.validated(desired)?;
+                json(&self.change(desired, &HashSet::new())?)
+            }
+            Request::MapRm { port, address, reset } => {
+                let i = self.find(address, port)?;
+                let mut desired = self.config.clone();
+                desired.frontends.remove(i);
+                let reset: HashSet<FrontendKey> =
+                    if reset { [loader::frontend_key(address, port)].into() } else { HashSet::new() };
+                json(&self.change(desired, &reset)?)
+            }
+            Request::Apply { config, name, dry_run } => {
+                let desired = self.validated(Config::parse(&config, &name)?)?;
+                if dry_run {
+                    return json(&plan::plan(&self.config, &desired));
+                }
+                json(&self.change(desired, &HashSet::new())?)
+            }
+            Request::Reload => {
+                let path = self.config_path.clone().ok_or_else(|| {
+                    Error::Rejected("this daemon was started without a config file; use `kpf apply -f`".into())
+                })?;
+                let desired = self.validated(Config::load(&path)?)?;
+                json(&self.change(desired, &HashSet::new())?)
+            }
+            Request::Down => {
+                let removed = self.pins.remove_all()?;
+                log::info!("down: unpinned {} object(s) from {}; detaching", removed.len(), self.pins.root().display());
+                json(&removed.len())
             }
         }
     }
-
-    pub fn dataplane(&self) -> &Dataplane {
-        &self.dp
-    }
 }
 
-/// Runs until SIGTERM or SIGINT. Prints `ready` on stdout once traffic is being forwarded;
-/// SIGUSR1 logs the counters.
+fn json<T: Serialize + ?Sized>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::Environment(format!("encoding the answer: {e}")))
+}
+
+/// Runs until SIGTERM or SIGINT (leaving the dataplane forwarding, pinned) or `kpf down`
+/// (detaching it). Prints `ready` on stdout once traffic is being forwarded and the control
+/// socket answers; SIGHUP re-reads the config file; SIGUSR1 logs the counters.
 pub async fn run(config: Config, opts: Options) -> Result<()> {
-    let mut d = Daemon::start(config, &opts)?;
+    let socket_path = config.socket.clone();
+    let listener = server::bind(&socket_path)?;
+    let mut d = Daemon::start(config, opts)?;
+    let (requests, mut incoming) = tokio::sync::mpsc::channel(16);
+    let accept = tokio::spawn(server::serve(listener, requests));
+
     let sig = |k| signal(k).map_err(Error::io("installing signal handlers"));
-    let (mut term, mut int, mut hup) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
-    let mut usr1 = sig(SignalKind::user_defined1())?;
+    let (mut term, mut int, mut hup, mut usr1) =
+        (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?, sig(SignalKind::user_defined1())?);
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "ready");
         let _ = out.flush();
     }
-    log::info!("kpf ready: {} frontend(s) on {}", d.config.frontends.len(), d.config.interfaces.join(", "));
+    log::info!(
+        "kpf ready: {} frontend(s) on {}; control socket {}",
+        d.config.frontends.len(),
+        d.config.interfaces.join(", "),
+        socket_path.display()
+    );
 
     let mut gc_tick = tokio::time::interval(GC_INTERVAL);
     let mut neigh_tick = tokio::time::interval(NEIGH_INTERVAL);
+    let mut down = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => log::warn!("SIGHUP: live reload is not available in this version; restart kpf to apply config changes"),
-            _ = usr1.recv() => d.log_counters(),
+            _ = hup.recv() => match d.dispatch(Request::Reload) {
+                Ok(_) => log::info!("SIGHUP: config re-read"),
+                Err(e) => log::error!("SIGHUP: config not applied: {e}"),
+            },
+            _ = usr1.recv() => log_counters(&d),
             _ = gc_tick.tick() => d.collect_garbage(),
             _ = neigh_tick.tick() => d.refresh_next_hops(false),
+            Some(server::Call { request, uid, reply, written }) = incoming.recv() => {
+                let (response, exit) = d.handle(request, uid);
+                let _ = reply.send(response);
+                if exit {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
+                    down = true;
+                    break;
+                }
+            }
         }
     }
-    d.log_counters();
-    log::info!("stopping: detaching from {}", d.config.interfaces.join(", "));
+    accept.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    log_counters(&d);
+    if down {
+        log::info!("stopped: detached and unpinned");
+    } else {
+        log::info!(
+            "stopped: the dataplane stays attached and forwarding (pinned in {}); `kpf run` adopts it, `kpf down` removes it",
+            d.pins.root().display()
+        );
+    }
     Ok(())
+}
+
+fn log_counters(d: &Daemon) {
+    match d.status() {
+        Ok(s) => {
+            let text: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(c, v)| format!("{c}={v}")).collect();
+            log::info!("counters: {}", if text.is_empty() { "all zero".into() } else { text.join(" ") });
+            for f in s.frontends {
+                log::info!(
+                    "frontend {}: packets={} bytes={} new_flows={} live_flows={}",
+                    f.frontend, f.packets, f.bytes, f.new_flows, f.live_flows
+                );
+            }
+        }
+        Err(e) => log::warn!("cannot read counters: {e}"),
+    }
 }

@@ -32,6 +32,10 @@ pub enum Error {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
 
+    /// The daemon refused a request; the text says why.
+    #[error("{0}")]
+    Rejected(String),
+
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
 }

@@ -4,11 +4,15 @@
 
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod gc;
 pub mod loader;
 pub mod neigh;
+pub mod pin;
+pub mod plan;
+pub mod server;
 pub mod sysctl;
 
 pub use error::{Error, Result};

@@ -4,8 +4,8 @@ use std::{ffi::CString, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray},
+    programs::{Xdp, XdpMode, links::{FdLink, PinnedLink}, xdp::XdpLink},
 };
 use kpf_common::{
     COUNTER_COUNT, Config as KernelConfig, Counter, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo,
@@ -15,7 +15,19 @@ use kpf_common::{
 use crate::{
     config::Mode,
     error::{Error, Result},
+    pin::PinDir,
 };
+
+/// Every map, for pinning.
+const MAP_NAMES: [&str; 7] = [
+    names::FRONTENDS,
+    names::FLOWS,
+    names::CONFIG,
+    names::IFACES,
+    names::DEVMAP,
+    names::STATS,
+    names::FRONTEND_STATS,
+];
 
 /// The compiled XDP program, built by build.rs.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpf"));
@@ -35,6 +47,39 @@ impl AttachMode {
             AttachMode::Generic => "generic",
         }
     }
+
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+
+    fn parse(s: &str) -> Option<AttachMode> {
+        match s {
+            "native" => Some(AttachMode::Native),
+            "generic" => Some(AttachMode::Generic),
+            _ => None,
+        }
+    }
+
+    /// The modes `mode` allows, in order of preference.
+    fn candidates(mode: Mode) -> &'static [AttachMode] {
+        match mode {
+            Mode::Native => &[AttachMode::Native],
+            Mode::Generic => &[AttachMode::Generic],
+            Mode::Auto => &[AttachMode::Native, AttachMode::Generic],
+        }
+    }
+}
+
+/// What happened to an interface when the daemon started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Newly attached.
+    Fresh(AttachMode),
+    /// A pinned link was found and this program swapped into it: no packet saw a gap.
+    Adopted(AttachMode),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -90,27 +135,52 @@ impl Dataplane {
         &self.attachments
     }
 
+    /// Loads the program with every map pinned under `pins` (reusing maps a previous daemon
+    /// pinned there: the same conntrack table, frontends and counters).
+    pub fn load_pinned(max_flows: u32, pins: &PinDir) -> Result<Self> {
+        let want = max_flows.saturating_mul(2);
+        if let Ok(info) = MapInfo::from_pin(pins.map(names::FLOWS)) {
+            if info.max_entries() != want {
+                return Err(Error::Environment(format!(
+                    "the pinned flow table in {} holds {} connections but max_flows is {max_flows}; \
+                     restore max_flows = {} or run `kpf down` first (it drops tracked connections)",
+                    pins.root().display(),
+                    info.max_entries() / 2,
+                    info.max_entries() / 2,
+                )));
+            }
+        }
+        let paths: Vec<(&'static str, std::path::PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, want);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(PROGRAM)?;
+        pins.record_layout()?;
+        let mut dp = Dataplane { ebpf, attachments: Vec::new() };
+        dp.program_mut()?.load()?;
+        Ok(dp)
+    }
+
     /// Attaches to `iface`. `Auto` tries native (driver) mode first and falls back to generic.
     /// The interface is registered as a redirect target before the program sees its packets.
+    /// The link lives as long as this Dataplane.
     pub fn attach(&mut self, iface: &str, mode: Mode) -> Result<AttachMode> {
+        let (m, _) = self.attach_new(iface, mode)?;
+        Ok(m)
+    }
+
+    fn attach_new(&mut self, iface: &str, mode: Mode) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
         let ifindex = ifindex(iface)?;
-        let mtu = iface_mtu(iface)?;
-        self.register_iface(ifindex, mtu)?;
-        let tries: &[AttachMode] = match mode {
-            Mode::Native => &[AttachMode::Native],
-            Mode::Generic => &[AttachMode::Generic],
-            Mode::Auto => &[AttachMode::Native, AttachMode::Generic],
-        };
+        self.register_iface(ifindex, iface_mtu(iface)?)?;
+        let tries = AttachMode::candidates(mode);
         let mut last = None;
         for &m in tries {
-            let xdp_mode = match m {
-                AttachMode::Native => XdpMode::Driver,
-                AttachMode::Generic => XdpMode::Skb,
-            };
-            match self.program_mut()?.attach_to_if_index(ifindex, xdp_mode) {
-                Ok(_) => {
+            match self.program_mut()?.attach_to_if_index(ifindex, m.xdp_mode()) {
+                Ok(id) => {
                     self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
-                    return Ok(m);
+                    return Ok((m, id));
                 }
                 Err(source) => {
                     if tries.len() > 1 {
@@ -121,6 +191,36 @@ impl Dataplane {
             }
         }
         Err(last.expect("at least one mode was tried"))
+    }
+
+    /// Attaches to `iface` through a link pinned under `pins`, which keeps the program attached
+    /// after this process exits. If a previous daemon pinned a link there in a mode `mode`
+    /// allows, this program replaces the old one inside that link atomically.
+    pub fn attach_pinned(&mut self, iface: &str, mode: Mode, pins: &PinDir) -> Result<Attached> {
+        let ifindex = ifindex(iface)?;
+        let existing = pinned_link_mode(pins, ifindex)?;
+        if let Some(m) = existing {
+            if AttachMode::candidates(mode).contains(&m) {
+                self.register_iface(ifindex, iface_mtu(iface)?)?;
+                let path = pins.link(ifindex, m.as_str());
+                let pinned = PinnedLink::from_pin(&path)
+                    .map_err(|e| Error::Environment(format!("opening pinned link {}: {e}", path.display())))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
+                self.program_mut()?.attach_to_link(link)?;
+                self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
+                return Ok(Attached::Adopted(m));
+            }
+            log::warn!("{iface}: pinned link is {} but mode is now {mode:?}: re-attaching", m.as_str());
+            unpin_link(pins, ifindex)?;
+        }
+        let (m, id) = self.attach_new(iface, mode)?;
+        let link = self.program_mut()?.take_link(id)?;
+        let fd_link = FdLink::try_from(link)
+            .map_err(|e| Error::Environment(format!("{iface}: the kernel attached XDP without a BPF link ({e}); kpf needs Linux ≥ 5.9")))?;
+        let path = pins.link(ifindex, m.as_str());
+        fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
+        Ok(Attached::Fresh(m))
     }
 
     /// Makes `ifindex` a redirect target and records its MTU.
@@ -232,6 +332,20 @@ impl Dataplane {
             Err(e) => Err(Error::map(names::FLOWS)(e)),
         }
     }
+}
+
+/// The mode of the link pinned for interface `ifindex`, if any.
+pub fn pinned_link_mode(pins: &PinDir, ifindex: u32) -> Result<Option<AttachMode>> {
+    Ok(pins.pinned_links()?.iter().find_map(|(i, m)| if *i == ifindex { AttachMode::parse(m) } else { None }))
+}
+
+/// Unpins interface `ifindex`'s link: once no process holds it, the program is detached.
+pub fn unpin_link(pins: &PinDir, ifindex: u32) -> Result<()> {
+    if let Some(m) = pinned_link_mode(pins, ifindex)? {
+        let path = pins.link(ifindex, m.as_str());
+        std::fs::remove_file(&path).map_err(Error::io(format!("removing {}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// `10.0.0.1:9093` from wire-order parts.

@@ -7,7 +7,7 @@ use kpf::{
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The TOML config file.
+    /// The TOML config file; accepted changes are written back to it.
     #[arg(short, long, default_value = "/etc/kpf/kpf.toml")]
     pub config: PathBuf,
     /// Override the config's attach mode: native, generic or auto.
@@ -18,6 +18,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(daemon::run(config, daemon::Options { mode: args.mode }))?;
+    let opts = daemon::Options { mode: args.mode, config_path: Some(args.config) };
+    rt.block_on(daemon::run(config, opts))?;
     Ok(())
 }

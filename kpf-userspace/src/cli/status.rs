@@ -1,0 +1,68 @@
+use kpf::control::{self, Request};
+use serde::Deserialize;
+
+use super::{JsonArg, SocketArg, print_json};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Deserialize)]
+struct Iface {
+    iface: String,
+    mode: String,
+}
+
+#[derive(Deserialize)]
+struct Frontend {
+    frontend: String,
+    backends: Vec<String>,
+    packets: u64,
+    bytes: u64,
+    new_flows: u64,
+    live_flows: u64,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    pid: u32,
+    uptime_s: u64,
+    pin_dir: String,
+    interfaces: Vec<Iface>,
+    frontends: Vec<Frontend>,
+    tracked_connections: u64,
+    counters: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let answer = control::call(&args.socket.socket, &Request::Status)?;
+    if args.json.json {
+        print_json(&answer);
+        return Ok(());
+    }
+    let s: Status = serde_json::from_value(answer)?;
+    println!("kpf pid {} up {}s, pinned in {}", s.pid, s.uptime_s, s.pin_dir);
+    for i in &s.interfaces {
+        println!("interface {} ({} XDP)", i.iface, i.mode);
+    }
+    println!("{} live connection(s)\n", s.tracked_connections);
+    println!("{:<22} {:<22} {:>10} {:>14} {:>10} {:>6}", "FRONTEND", "BACKEND", "PACKETS", "BYTES", "NEW", "LIVE");
+    for f in &s.frontends {
+        println!(
+            "{:<22} {:<22} {:>10} {:>14} {:>10} {:>6}",
+            f.frontend,
+            f.backends.join(","),
+            f.packets,
+            f.bytes,
+            f.new_flows,
+            f.live_flows
+        );
+    }
+    let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    println!("\ncounters: {}", if nonzero.is_empty() { "all zero".to_owned() } else { nonzero.join(" ") });
+    Ok(())
+}
