@@ -140,8 +140,7 @@ pub struct Config {
     /// SNAT source port range, inclusive, host order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Seeds the SNAT port choice so it cannot be predicted from outside.
-    pub hash_seed: u32,
+    pub _pad: u32,
     /// Bumped by the daemon whenever a route or neighbour toward a backend changes: flows whose
     /// cached next hop is from an older generation look it up again.
     pub fib_gen: u32,
@@ -157,7 +156,7 @@ impl Default for Config {
             timeouts_ns: crate::tcp::DEFAULT_TIMEOUTS_NS,
             snat_port_min: 40000,
             snat_port_max: 59999,
-            hash_seed: 0,
+            _pad: 0,
             fib_gen: 0,
             min_mtu: 1500,
         }
@@ -201,9 +200,12 @@ pub enum Counter {
     DropFlowTableFull,
     /// Packet dropped because the redirect to the egress interface failed.
     DropRedirectFailed,
+    /// SYN dropped: it carried an 802.1Q tag but its backend is out another interface; kpf sends
+    /// tagged frames only back out the interface (and VLAN) they came in on.
+    DropVlanEgress,
 }
 
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -218,6 +220,7 @@ impl Counter {
         Counter::DropEgressNotAttached,
         Counter::DropFlowTableFull,
         Counter::DropRedirectFailed,
+        Counter::DropVlanEgress,
     ];
 
     /// Stable snake_case name, used in `kpf status` and metrics.
@@ -234,6 +237,7 @@ impl Counter {
             Counter::DropEgressNotAttached => "drop_egress_not_attached",
             Counter::DropFlowTableFull => "drop_flow_table_full",
             Counter::DropRedirectFailed => "drop_redirect_failed",
+            Counter::DropVlanEgress => "drop_vlan_egress",
         }
     }
 }

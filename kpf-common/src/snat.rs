@@ -1,5 +1,9 @@
 //! Choosing the gateway's source port for a new connection toward a backend.
 //!
+//! The start of the probe sequence is a hash of the connection's 4-tuple keyed with a fresh random
+//! number per SYN, so a 4-tuple reused after its connection closed lands on a different port (the
+//! backend may still hold the old one in TIME_WAIT), and ports cannot be predicted from outside.
+//!
 //! The kernel probes candidates in order and claims the first whose reply key
 //! (backend -> gateway:port) it can insert with `BPF_NOEXIST`, so a port is never handed to two
 //! live connections toward the same backend; if every probe is taken the SYN is dropped and
@@ -10,8 +14,8 @@ use crate::maps::FlowKey;
 /// How many ports one SYN may try before giving up.
 pub const PROBES: u32 = 32;
 
-/// A 32-bit mix of a connection's 4-tuple and a secret seed (the murmur3 finaliser over a
-/// combined word), so the starting port is spread over the range and not predictable.
+/// A 32-bit mix of a connection's 4-tuple and a seed (the murmur3 finaliser over a combined
+/// word), so starting ports spread over the range.
 #[inline(always)]
 pub const fn hash(key: &FlowKey, seed: u32) -> u32 {
     let mut h = seed ^ key.src_addr;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use kpf_common::{
@@ -48,7 +48,7 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
         }
     }
 
-    let Some(fe) = frontend(&pkt.key) else {
+    let Some(fe) = frontend(ctx, &pkt.key) else {
         return Ok(pass(Counter::PassNotOurs));
     };
     if !tcp::is_new_connection(pkt.flags) {
@@ -70,15 +70,18 @@ fn pass(reason: Counter) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The frontend a packet without a connection is addressed to: its exact address and port, or
+/// the port on any *local* address. The locality check keeps a wildcard frontend from capturing
+/// traffic merely routed through the gateway; it costs a FIB lookup, so it runs last.
 #[inline(always)]
-fn frontend(key: &FlowKey) -> Option<Frontend> {
+fn frontend(ctx: &XdpContext, key: &FlowKey) -> Option<Frontend> {
     // SAFETY: Frontend is Copy plain data; copied out at once.
-    unsafe {
-        FRONTENDS
-            .get(FrontendKey::tcp(key.dst_addr, key.dst_port))
-            .or_else(|| FRONTENDS.get(FrontendKey::tcp(0, key.dst_port)))
-            .copied()
+    if let Some(fe) = unsafe { FRONTENDS.get(FrontendKey::tcp(key.dst_addr, key.dst_port)) } {
+        return Some(*fe);
     }
+    // SAFETY: as above.
+    let fe = unsafe { *FRONTENDS.get(FrontendKey::tcp(0, key.dst_port))? };
+    forward::is_local(ctx, ctx.ingress_ifindex() as u32, key.dst_addr).then_some(fe)
 }
 
 /// The common case: a packet of a known, live connection.
@@ -100,12 +103,12 @@ fn established(ctx: &XdpContext, pkt: &Packet, flow: &mut Flow, cfg: &Config, no
 
     if flow.direction == Direction::Original as u8 && flow.next_hop.fib_gen != cfg.fib_gen {
         // A route or neighbour changed since this flow looked up its next hop.
-        match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr, pkt.ip_len, cfg.fib_gen) {
+        match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr, cfg.fib_gen) {
             Ok((nh, src)) if src == flow.nat.src_addr && forward::can_send(ctx, nh.ifindex) => flow.next_hop = nh,
-            // The source address toward the backend would change: this connection cannot follow
-            // the new route. Keep the old next hop until it ends or times out.
-            Ok(_) => flow.next_hop.fib_gen = cfg.fib_gen,
-            Err(reason) => stats::count(reason),
+            // The source address toward the backend would change (this connection cannot follow
+            // the new route), or the route or neighbour is gone for now: keep the old next hop
+            // rather than drop an established connection; the next routing change retries.
+            Ok(_) | Err(_) => flow.next_hop.fib_gen = cfg.fib_gen,
         }
     }
 
@@ -132,9 +135,12 @@ fn established(ctx: &XdpContext, pkt: &Packet, flow: &mut Flow, cfg: &Config, no
 #[inline(always)]
 fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let (to_backend, gw_addr) = forward::lookup(ctx, ingress, fe.backend_addr, pkt.ip_len, cfg.fib_gen)?;
+    let (to_backend, gw_addr) = forward::lookup(ctx, ingress, fe.backend_addr, cfg.fib_gen)?;
     if !forward::can_send(ctx, to_backend.ifindex) {
         return Err(Counter::DropEgressNotAttached);
+    }
+    if pkt.vlan && to_backend.ifindex != ingress {
+        return Err(Counter::DropVlanEgress);
     }
     // Replies go back the way the SYN came: out the same interface, to the MAC that sent it.
     // SAFETY: parse bounds-checked the Ethernet header.
@@ -142,7 +148,8 @@ fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -
     let to_client = NextHop { ifindex: ingress, src_mac: eth.dst_addr, dst_mac: eth.src_addr, fib_gen: cfg.fib_gen };
 
     let k = &pkt.key;
-    let hash = snat::hash(k, cfg.hash_seed);
+    // SAFETY: helper without arguments.
+    let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();

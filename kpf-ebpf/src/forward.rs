@@ -1,7 +1,7 @@
 //! Next-hop lookup and transmission.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
@@ -11,18 +11,20 @@ use crate::{maps::DEVMAP, parse::Packet};
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// Routes `dst` as the kernel would forward a packet that arrived on `ifindex`: the egress
 /// interface, both MACs (the neighbour must already be resolved), and the source address the
-/// kernel would pick toward `dst` (BPF_FIB_LOOKUP_SRC).
+/// kernel would pick toward `dst` (BPF_FIB_LOOKUP_SRC). The result is cached per connection, so
+/// no packet length is given: the MTU check would judge one packet (maybe a GRO aggregate), not
+/// the route.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, ip_len: u16, fib_gen: u32) -> Result<(NextHop, u32), Counter> {
+pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, fib_gen: u32) -> Result<(NextHop, u32), Counter> {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = kpf_common::IPPROTO_TCP;
-    p.__bindgen_anon_1.tot_len = ip_len;
     p.ifindex = ifindex;
     p.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
@@ -43,6 +45,28 @@ pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, ip_len: u16, fib_gen: u3
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::DropFibNoNeigh),
         _ => Err(Counter::DropFibFailed),
     }
+}
+
+/// Whether `dst` is an address of this host (or a VIP routed to it as local, as GCP's guest agent
+/// does for internal load balancers): the kernel's FIB will not forward to it.
+#[inline(always)]
+pub fn is_local(ctx: &XdpContext, ifindex: u32, dst: u32) -> bool {
+    // SAFETY: as in `lookup`.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = kpf_common::IPPROTO_TCP;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: as in `lookup`. SKIP_NEIGH: only the route type matters here.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED
 }
 
 /// Whether `ifindex` is an interface this program can send out of.

@@ -20,6 +20,8 @@ pub struct Packet {
     pub flags: u8,
     /// IPv4 total length: what the frontend byte counters count.
     pub ip_len: u16,
+    /// The frame carries an 802.1Q tag.
+    pub vlan: bool,
 }
 
 #[inline(always)]
@@ -87,5 +89,5 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
         u32::from_ne_bytes(iph.dst_addr),
         u16::from_ne_bytes(tcph.dest),
     );
-    Ok(Packet { eth, ip, tcp, key, flags, ip_len })
+    Ok(Packet { eth, ip, tcp, key, flags, ip_len, vlan: l3 != EthHdr::LEN })
 }

@@ -195,13 +195,13 @@ impl Daemon {
         pins.prepare()?;
         let adopting = pins.exists();
         let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
-        // An adopted table keeps its hash seed and routing generation: flows stay as they are.
+        // An adopted table keeps its routing generation and MTU: flows stay as they are.
         let previous = if adopting { dp.kernel_config().ok().filter(|k| k.snat_port_max != 0) } else { None };
         let kernel = KernelConfig {
             timeouts_ns: config.timeouts.to_kernel(),
             snat_port_min: config.snat_ports.min,
             snat_port_max: config.snat_ports.max,
-            hash_seed: previous.map_or_else(rand::random, |k| k.hash_seed),
+            _pad: 0,
             fib_gen: previous.map_or(0, |k| k.fib_gen),
             min_mtu: previous.map_or(1500, |k| k.min_mtu),
         };
@@ -384,7 +384,15 @@ impl Daemon {
                 }
             };
             let previous = self.next_hops.insert(backend, now.clone());
-            if previous.is_some_and(|p| p != now) {
+            // Connections cache a route and a MAC; only a change to one they could have cached
+            // makes them look again. A MAC appearing where there was none is not such a change:
+            // no connection could open without it.
+            let stale = match (&previous, &now) {
+                (Some(Some((r0, m0))), Some((r1, m1))) => r0 != r1 || (m0.is_some() && m0 != m1),
+                (Some(Some(_)), None) => true,
+                _ => false,
+            };
+            if stale {
                 log::info!("backend {backend}: next hop now {now:?}");
                 changed = true;
             }
