@@ -1,7 +1,12 @@
 //! Test harness shared by the end-to-end tests, the fixture tests, `cargo xtask demo` and
-//! `cargo xtask bench`: network namespaces that always clean up, and the topologies built from them.
+//! `cargo xtask bench`: network namespaces that always clean up, the topologies built from them,
+//! traffic peers that run inside them, and a handle on a running `kpf`.
 //!
 //! Nothing here touches the root namespace's interfaces, routes or sysctls: every link is
 //! created directly inside namespaces this process made, and dies with them.
 
+pub mod kpf_proc;
 pub mod netns;
+pub mod peer;
+pub mod topology;
+pub mod xdp;

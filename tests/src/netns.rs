@@ -97,6 +97,13 @@ impl Netns {
         })
     }
 
+    /// A counter of this namespace's `/proc/net/snmp`, e.g. `snmp("Tcp", "InCsumErrors")`.
+    pub fn snmp(&self, section: &str, field: &str) -> io::Result<i64> {
+        let table = self.enter(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+        snmp_field(&table, section, field)
+            .ok_or_else(|| io::Error::other(format!("{}: no {section} {field} in /proc/net/snmp", self.name)))
+    }
+
     /// Joins the *calling* thread to this namespace for good. For threads that exist only to
     /// work inside one namespace (e.g. a spawned server thread).
     pub fn join_current_thread(&self) -> io::Result<()> {
@@ -124,6 +131,31 @@ pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> io::Result<()> {
     a.ip(&["link", "set", "dev", a_dev, "up"])?;
     b.ip(&["link", "set", "dev", b_dev, "up"])?;
     Ok(())
+}
+
+/// The namespaces this process created that still exist (named `kpft-<this pid>-...`).
+pub fn own_namespaces() -> io::Result<Vec<String>> {
+    let mine = format!("{PREFIX}-{}-", std::process::id());
+    Ok(ip(&["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&mine))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Looks `field` up in a `/proc/net/snmp`-style table (`Tcp: A B ...` header line followed by a
+/// `Tcp: 1 2 ...` value line).
+pub fn snmp_field(table: &str, section: &str, field: &str) -> Option<i64> {
+    let prefix = format!("{section}:");
+    let mut rows = table.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(head), Some(values)) = (rows.next(), rows.next()) {
+        let i = head.split_whitespace().position(|h| h == field);
+        if let Some(i) = i {
+            return values.split_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
 }
 
 /// Deletes namespaces left by test processes that no longer exist (e.g. killed with SIGKILL,
