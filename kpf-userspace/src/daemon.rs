@@ -438,7 +438,8 @@ impl Daemon {
         let mut live: HashMap<u32, u64> = HashMap::new();
         let mut tracked = 0;
         for (_, f) in self.dp.flows()? {
-            if f.direction == Direction::Original as u8 && !tcp::expired(&self.kernel.timeouts_ns, f.state, f.last_seen_ns, now) {
+            let open = tcp::State::from_u8(f.state).is_some_and(|s| !s.reusable());
+            if f.direction == Direction::Original as u8 && open && !tcp::expired(&self.kernel.timeouts_ns, f.state, f.last_seen_ns, now) {
                 *live.entry(f.frontend_id).or_default() += 1;
                 tracked += 1;
             }
