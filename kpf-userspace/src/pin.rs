@@ -102,7 +102,16 @@ impl PinDir {
     /// Makes sure the directory is on a bpffs (mounting one on the directory if its filesystem
     /// is not), and that pinned state here, if any, has this build's layout.
     pub fn prepare(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.root).map_err(Error::io(format!("creating {}", self.root.display())))?;
+        if let Err(e) = std::fs::create_dir_all(&self.root) {
+            // /sys/fs/bpf is where systemd mounts bpffs; on a host where nobody did, the
+            // directory exists on sysfs and nothing can be created under it until it is mounted.
+            let standard = Path::new("/sys/fs/bpf");
+            if !(self.root.starts_with(standard) && standard.is_dir() && !is_bpffs(standard)?) {
+                return Err(Error::io(format!("creating {}", self.root.display()))(e));
+            }
+            mount_bpffs(standard)?;
+            std::fs::create_dir_all(&self.root).map_err(Error::io(format!("creating {}", self.root.display())))?;
+        }
         if !is_bpffs(&self.root)? {
             mount_bpffs(&self.root)?;
         }
