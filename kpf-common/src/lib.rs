@@ -11,6 +11,8 @@
 pub mod csum;
 pub mod maps;
 pub mod nat;
+pub mod select;
+pub mod seq;
 pub mod snat;
 pub mod tcp;
 pub mod wire;

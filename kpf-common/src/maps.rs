@@ -7,6 +7,10 @@ use crate::nat::Nat;
 pub mod names {
     pub const PROGRAM: &str = "kpf";
     pub const FRONTENDS: &str = "KPF_FRONTENDS";
+    pub const BACKENDS: &str = "KPF_BACKENDS";
+    pub const MAGLEV: &str = "KPF_MAGLEV";
+    pub const ALLOW: &str = "KPF_ALLOW";
+    pub const BACKEND_STATS: &str = "KPF_BACKEND_STATS";
     pub const FLOWS: &str = "KPF_FLOWS";
     pub const CONFIG: &str = "KPF_CONFIG";
     pub const IFACES: &str = "KPF_IFACES";
@@ -19,6 +23,15 @@ pub mod names {
 pub const MAX_FRONTENDS: u32 = 4096;
 /// Most interfaces kpf attaches to at once.
 pub const MAX_IFACES: u32 = 64;
+/// Most distinct backends (`ip:port`) across all frontends.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Slots in one Maglev table: a prime well above any frontend's backend count, so each backend's
+/// share is even to within a fraction of a percent (Maglev paper: M > 100 N).
+pub const MAGLEV_SIZE: u32 = 4093;
+/// Maglev tables: two per frontend that has several backends (one live, one being rebuilt).
+pub const MAX_TABLES: u32 = 256;
+/// Source-allowlist entries (CIDRs) across all frontends.
+pub const MAX_ALLOW: u32 = 16384;
 
 pub const IPPROTO_TCP: u8 = 6;
 
@@ -86,13 +99,18 @@ pub struct Flow {
     pub bytes: u64,
     /// Index into the per-frontend stats.
     pub frontend_id: u32,
+    /// The backend this connection went to (index into the backends array and its stats).
+    pub backend_id: u32,
+    /// The sequence number this direction's sender will use next, as last seen (host order):
+    /// what an RST toward the other side must carry to be accepted.
+    pub next_seq: u32,
     /// A [`crate::tcp::State`].
     pub state: u8,
     /// A [`Direction`].
     pub direction: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+const _: () = assert!(core::mem::size_of::<Flow>() == 88);
 
 /// A mapped frontend: the key of [`Frontend`]. `addr == 0` matches any local address.
 #[repr(C)]
@@ -116,12 +134,63 @@ impl FrontendKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
+    /// Index into the per-frontend stats.
     pub id: u32,
-    pub backend_addr: u32,
-    pub backend_port: u16,
+    /// With [`Frontend::POOL`]: the Maglev table to pick from; otherwise the one backend's id.
+    pub target: u32,
     pub flags: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<Frontend>() == 12);
+
+impl Frontend {
+    /// Several backends: `target` is a Maglev table.
+    pub const POOL: u16 = 1;
+    /// New connections only from the sources in the allowlist trie.
+    pub const ALLOWLIST: u16 = 2;
+    /// Every backend is unhealthy and the frontend is configured to reject rather than fail open.
+    pub const REJECT: u16 = 4;
+}
+
+/// A backend, by id (index into the backends array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+impl Backend {
+    /// Being drained: no new connections (a pool's table already leaves it out; a frontend with
+    /// only this backend refuses new connections).
+    pub const DRAINING: u16 = 1;
+    /// The slot is in use (a zeroed slot is no backend).
+    pub const PRESENT: u16 = 2;
+}
+
+/// Key of the source allowlist trie: the frontend id then the source address, so one trie holds
+/// every frontend's list and a lookup matches only its own frontend's CIDRs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    /// Frontend id, big-endian, so the trie's prefix bits cover it first.
+    pub frontend: [u8; 4],
+    /// Source address, wire order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
+
+impl AllowKey {
+    pub const fn new(frontend_id: u32, addr: u32) -> Self {
+        Self { frontend: frontend_id.to_be_bytes(), addr: addr.to_ne_bytes() }
+    }
+    /// The trie prefix length for a CIDR of `bits` under one frontend.
+    pub const fn prefix_len(bits: u32) -> u32 {
+        32 + bits
+    }
+}
 
 /// Facts about an attached interface the program needs per packet.
 #[repr(C)]
@@ -203,9 +272,15 @@ pub enum Counter {
     /// SYN dropped: it carried an 802.1Q tag but its backend is out another interface; kpf sends
     /// tagged frames only back out the interface (and VLAN) they came in on.
     DropVlanEgress,
+    /// SYN dropped: its source is not in the frontend's allowlist. No state was created.
+    DropNotAllowed,
+    /// SYN dropped: every backend of the frontend is unhealthy and it is set to reject.
+    DropNoHealthyBackend,
+    /// SYN passed to the kernel (which answers RST): the frontend's only backend is draining.
+    PassBackendDraining,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -221,6 +296,9 @@ impl Counter {
         Counter::DropFlowTableFull,
         Counter::DropRedirectFailed,
         Counter::DropVlanEgress,
+        Counter::DropNotAllowed,
+        Counter::DropNoHealthyBackend,
+        Counter::PassBackendDraining,
     ];
 
     /// Stable snake_case name, used in `kpf status` and metrics.
@@ -238,6 +316,9 @@ impl Counter {
             Counter::DropFlowTableFull => "drop_flow_table_full",
             Counter::DropRedirectFailed => "drop_redirect_failed",
             Counter::DropVlanEgress => "drop_vlan_egress",
+            Counter::DropNotAllowed => "drop_not_allowed",
+            Counter::DropNoHealthyBackend => "drop_no_healthy_backend",
+            Counter::PassBackendDraining => "pass_backend_draining",
         }
     }
 }
@@ -250,6 +331,8 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for AllowKey {}
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FrontendStats {}

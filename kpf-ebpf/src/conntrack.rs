@@ -6,16 +6,17 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
+use aya_ebpf::maps::lpm_trie::Key;
 use kpf_common::{
-    Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey, NextHop,
+    AllowKey, Backend, Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey, NextHop,
     nat::{self, L4Csum, Nat},
-    snat,
+    select, snat,
     tcp::{self, State},
 };
 
 use crate::{
     forward,
-    maps::{CONFIG, FLOWS, FRONTENDS, IFACES},
+    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, IFACES, MAGLEV},
     parse::{self, Packet},
     stats,
 };
@@ -117,7 +118,8 @@ fn established(ctx: &XdpContext, pkt: &Packet, flow: &mut Flow, cfg: &Config, no
     }
     flow.packets += 1;
     flow.bytes += pkt.ip_len as u64;
-    stats::frontend(flow.frontend_id, pkt.ip_len as u64, false);
+    flow.next_seq = pkt.next_seq();
+    stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);
 
     let nat = flow.nat;
     let nh = flow.next_hop;
@@ -131,11 +133,46 @@ fn established(ctx: &XdpContext, pkt: &Packet, flow: &mut Flow, cfg: &Config, no
     }
 }
 
-/// Opens a connection for a SYN to frontend `fe`: next hop, SNAT port, both conntrack entries.
+/// The backend a new connection to `fe` goes to, and its id; `Ok(None)`: refuse it with an RST.
+#[inline(always)]
+fn choose(pkt: &Packet, fe: &Frontend) -> Result<Option<(u32, Backend)>, Counter> {
+    if fe.flags & Frontend::ALLOWLIST != 0 {
+        let key = Key::new(AllowKey::prefix_len(32), AllowKey::new(fe.id, pkt.key.src_addr));
+        if ALLOW.get(&key).is_none() {
+            return Err(Counter::DropNotAllowed);
+        }
+    }
+    if fe.flags & Frontend::REJECT != 0 {
+        return Err(Counter::DropNoHealthyBackend);
+    }
+    let id = if fe.flags & Frontend::POOL != 0 {
+        match MAGLEV.get(select::table_index(fe.target, select::slot(&pkt.key))) {
+            Some(id) => *id,
+            None => return Err(Counter::DropNoHealthyBackend),
+        }
+    } else {
+        fe.target
+    };
+    let be = match BACKENDS.get(id) {
+        Some(b) if b.flags & Backend::PRESENT != 0 => *b,
+        _ => return Err(Counter::DropNoHealthyBackend),
+    };
+    if be.flags & Backend::DRAINING != 0 {
+        return Ok(None);
+    }
+    Ok(Some((id, be)))
+}
+
+/// Opens a connection for a SYN to frontend `fe`: backend, next hop, SNAT port, both conntrack
+/// entries.
 #[inline(always)]
 fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
+    let Some((backend_id, be)) = choose(pkt, fe)? else {
+        // The frontend's only backend is draining: the kernel's RST makes the client fail fast.
+        return Ok(pass(Counter::PassBackendDraining));
+    };
     let ingress = ctx.ingress_ifindex() as u32;
-    let (to_backend, gw_addr) = forward::lookup(ctx, ingress, fe.backend_addr, cfg.fib_gen)?;
+    let (to_backend, gw_addr) = forward::lookup(ctx, ingress, be.addr, cfg.fib_gen)?;
     if !forward::can_send(ctx, to_backend.ifindex) {
         return Err(Counter::DropEgressNotAttached);
     }
@@ -153,13 +190,14 @@ fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -
     let mut claimed = None;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
-        let reply_key = FlowKey::tcp(fe.backend_addr, fe.backend_port, gw_addr, port);
+        let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
         let reply = Flow {
             nat: Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port),
             next_hop: to_client,
             created_ns: now,
             last_seen_ns: now,
             frontend_id: fe.id,
+            backend_id,
             state: State::SynSent as u8,
             direction: Direction::Reply as u8,
             ..Flow::default()
@@ -172,23 +210,25 @@ fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -
     let port = claimed.ok_or(Counter::DropSnatExhausted)?;
 
     let original = Flow {
-        nat: Nat::new(k, gw_addr, port, fe.backend_addr, fe.backend_port),
+        nat: Nat::new(k, gw_addr, port, be.addr, be.port),
         next_hop: to_backend,
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
         bytes: pkt.ip_len as u64,
         frontend_id: fe.id,
+        backend_id,
+        next_seq: pkt.next_seq(),
         state: State::SynSent as u8,
         direction: Direction::Original as u8,
         ..Flow::default()
     };
     if FLOWS.insert(k, &original, 0).is_err() {
-        let _ = FLOWS.remove(&FlowKey::tcp(fe.backend_addr, fe.backend_port, gw_addr, port));
+        let _ = FLOWS.remove(&FlowKey::tcp(be.addr, be.port, gw_addr, port));
         return Err(Counter::DropFlowTableFull);
     }
     stats::count(Counter::NewFlows);
-    stats::frontend(fe.id, pkt.ip_len as u64, true);
+    stats::traffic(fe.id, backend_id, pkt.ip_len as u64, true);
 
     rewrite(ctx, pkt, &original.nat, cfg);
     forward::send(ctx, pkt, &to_backend)

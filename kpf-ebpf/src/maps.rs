@@ -1,16 +1,30 @@
 //! The program's maps. Sizes here are defaults; the daemon sets the flow table size at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use kpf_common::{
-    COUNTER_COUNT, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo, MAX_FRONTENDS, MAX_IFACES,
+    AllowKey, Backend, COUNTER_COUNT, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo,
+    MAGLEV_SIZE, MAX_ALLOW, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES, MAX_TABLES,
 };
 
 /// Mapped frontends: (address or 0, port) -> backend.
 #[map(name = "KPF_FRONTENDS")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(MAX_FRONTENDS, 0);
+
+/// Backends by id.
+#[map(name = "KPF_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev tables, flat: table t's slot s is at t * MAGLEV_SIZE + s; values are backend ids.
+#[map(name = "KPF_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_TABLES * MAGLEV_SIZE, 0);
+
+/// Source allowlists of every frontend that has one (value unused).
+#[map(name = "KPF_ALLOW")]
+pub static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
 
 /// Conntrack: one entry per direction of each connection, keyed by the packet as it arrives.
 #[map(name = "KPF_FLOWS")]
@@ -32,3 +46,6 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT
 
 #[map(name = "KPF_FRONTEND_STATS")]
 pub static FRONTEND_STATS: PerCpuArray<FrontendStats> = PerCpuArray::with_max_entries(MAX_FRONTENDS, 0);
+
+#[map(name = "KPF_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<FrontendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -20,8 +20,20 @@ pub struct Packet {
     pub flags: u8,
     /// IPv4 total length: what the frontend byte counters count.
     pub ip_len: u16,
+    /// TCP payload length.
+    pub payload: u16,
     /// The frame carries an 802.1Q tag.
     pub vlan: bool,
+}
+
+impl Packet {
+    /// The sequence number the sender will use after this segment.
+    #[inline(always)]
+    pub fn next_seq(&self) -> u32 {
+        // SAFETY: parse bounds-checked the TCP header.
+        let seq = u32::from_be_bytes(unsafe { (*self.tcp).seq });
+        kpf_common::seq::next(seq, self.payload as u32, self.flags)
+    }
 }
 
 #[inline(always)]
@@ -89,5 +101,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
         u32::from_ne_bytes(iph.dst_addr),
         u16::from_ne_bytes(tcph.dest),
     );
-    Ok(Packet { eth, ip, tcp, key, flags, ip_len, vlan: l3 != EthHdr::LEN })
+    let payload = ip_len - (ihl + doff) as u16;
+    Ok(Packet { eth, ip, tcp, key, flags, ip_len, payload, vlan: l3 != EthHdr::LEN })
 }

@@ -2,7 +2,10 @@
 
 use kpf_common::Counter;
 
-use crate::maps::{FRONTEND_STATS, STATS};
+use aya_ebpf::maps::PerCpuArray;
+use kpf_common::FrontendStats;
+
+use crate::maps::{BACKEND_STATS, FRONTEND_STATS, STATS};
 
 #[inline(always)]
 pub fn count(c: Counter) {
@@ -12,9 +15,16 @@ pub fn count(c: Counter) {
     }
 }
 
+/// Counts a packet of a connection toward its frontend and its backend.
 #[inline(always)]
-pub fn frontend(id: u32, bytes: u64, new_flow: bool) {
-    if let Some(p) = FRONTEND_STATS.get_ptr_mut(id) {
+pub fn traffic(frontend_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    add(&FRONTEND_STATS, frontend_id, bytes, new_flow);
+    add(&BACKEND_STATS, backend_id, bytes, new_flow);
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<FrontendStats>, id: u32, bytes: u64, new_flow: bool) {
+    if let Some(p) = map.get_ptr_mut(id) {
         // SAFETY: as above.
         let s = unsafe { &mut *p };
         s.packets += 1;

@@ -129,6 +129,175 @@ impl Serialize for Backend {
     }
 }
 
+/// A backend with its weight: `"10.64.0.2:39092"` (weight 1) or
+/// `{ address = "10.64.0.2:39092", weight = 2 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WeightedBackend {
+    pub addr: Backend,
+    pub weight: u32,
+}
+
+pub const MAX_WEIGHT: u32 = 100;
+
+impl fmt::Display for WeightedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 { write!(f, "{}", self.addr) } else { write!(f, "{} (weight {})", self.addr, self.weight) }
+    }
+}
+
+impl<'de> Deserialize<'de> for WeightedBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: Backend,
+            #[serde(default = "one")]
+            weight: u32,
+        }
+        fn one() -> u32 {
+            1
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Plain(String),
+            Table(Table),
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "a backend is \"ip:port\" or { address = \"ip:port\", weight = N }",
+            )
+        })?;
+        let (addr, weight) = match raw {
+            Raw::Plain(s) => (s.parse().map_err(serde::de::Error::custom)?, 1),
+            Raw::Table(t) => (t.address, t.weight),
+        };
+        if weight > MAX_WEIGHT {
+            return Err(serde::de::Error::custom(format!("backend {addr}: weight {weight} is above {MAX_WEIGHT}")));
+        }
+        Ok(WeightedBackend { addr, weight })
+    }
+}
+
+impl Serialize for WeightedBackend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        if self.weight == 1 {
+            return s.collect_str(&self.addr);
+        }
+        let mut t = s.serialize_struct("WeightedBackend", 2)?;
+        t.serialize_field("address", &self.addr)?;
+        t.serialize_field("weight", &self.weight)?;
+        t.end()
+    }
+}
+
+/// An IPv4 network `10.128.0.0/20`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub bits: u8,
+}
+
+impl Cidr {
+    fn mask(&self) -> u32 {
+        if self.bits == 0 { 0 } else { u32::MAX << (32 - self.bits) }
+    }
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.addr)
+    }
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.bits)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv4 network like \"10.128.0.0/20\"");
+        let (a, b) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let bits: u8 = b.parse().map_err(|_| bad())?;
+        if bits > 32 {
+            return Err(bad());
+        }
+        let c = Cidr { addr, bits };
+        if u32::from(addr) & !c.mask() != 0 {
+            let net = Ipv4Addr::from(u32::from(addr) & c.mask());
+            return Err(format!("{s:?} has host bits set; did you mean \"{net}/{bits}\"?"));
+        }
+        Ok(c)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a frontend does when every backend is unhealthy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAllUnhealthy {
+    /// Keep sending to all of them (AWS NLB's behaviour): a health check that is wrong must not
+    /// take the whole cluster offline.
+    #[default]
+    FailOpen,
+    /// Drop new connections (counted as drop_no_healthy_backend).
+    Reject,
+}
+
+/// How backends are checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// A TCP connection that opens.
+    #[default]
+    Tcp,
+    /// A Kafka ApiVersions request that gets an answer without error.
+    Kafka,
+    /// No checks: every backend is always healthy.
+    None,
+}
+
+/// Active health checks, for every backend (NLB-style thresholds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub check: CheckKind,
+    pub interval: Secs,
+    pub timeout: Secs,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: CheckKind::Tcp,
+            interval: Secs(Duration::from_secs(5)),
+            timeout: Secs(Duration::from_secs(2)),
+            healthy_threshold: 3,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
 /// A duration written `"30s"`, `"2h4m"`, or a number of seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Secs(pub Duration);
@@ -211,7 +380,29 @@ pub struct FrontendConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
     pub port: u16,
-    pub backends: Vec<Backend>,
+    pub backends: Vec<WeightedBackend>,
+    /// Sources allowed to open connections; empty: everyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub when_all_unhealthy: WhenAllUnhealthy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+impl FrontendConfig {
+    /// A frontend with one backend of weight 1 and no allowlist.
+    pub fn single(address: Option<Ipv4Addr>, port: u16, backend: Backend) -> FrontendConfig {
+        FrontendConfig {
+            address,
+            port,
+            backends: vec![WeightedBackend { addr: backend, weight: 1 }],
+            allow: Vec::new(),
+            when_all_unhealthy: WhenAllUnhealthy::default(),
+        }
+    }
 }
 
 impl FrontendConfig {
@@ -234,6 +425,10 @@ pub struct Config {
     /// checking it.
     pub manage_sysctls: bool,
     pub timeouts: Timeouts,
+    pub health: Health,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// bpffs directory for the pinned maps and links that outlive the daemon.
     pub pin_dir: PathBuf,
     /// The control socket the CLI talks to.
@@ -261,6 +456,8 @@ struct RawConfig {
     manage_sysctls: bool,
     #[serde(default)]
     timeouts: Timeouts,
+    health: Option<Spanned<Health>>,
+    metrics_addr: Option<std::net::SocketAddr>,
     pin_dir: Option<Spanned<PathBuf>>,
     socket: Option<Spanned<PathBuf>>,
     #[serde(default)]
@@ -272,7 +469,11 @@ struct RawConfig {
 struct RawFrontend {
     address: Option<Spanned<Ipv4Addr>>,
     port: Spanned<u16>,
-    backends: Spanned<Vec<Spanned<Backend>>>,
+    backends: Spanned<Vec<Spanned<WeightedBackend>>>,
+    #[serde(default)]
+    allow: Option<Spanned<Vec<Spanned<Cidr>>>>,
+    #[serde(default)]
+    when_all_unhealthy: WhenAllUnhealthy,
 }
 
 /// Locates byte offsets in the source text.
@@ -366,6 +567,8 @@ impl Config {
                 address: f.address.as_ref().map(|a| *a.get_ref()),
                 port: *f.port.get_ref(),
                 backends: f.backends.get_ref().iter().map(|b| *b.get_ref()).collect(),
+                allow: f.allow.as_ref().map(|a| a.get_ref().iter().map(|c| *c.get_ref()).collect()).unwrap_or_default(),
+                when_all_unhealthy: f.when_all_unhealthy,
             })
             .collect();
         if let Err(p) = check_frontends(&frontends, snat_ports.0) {
@@ -375,6 +578,7 @@ impl Config {
                 Field::Address => f.address.as_ref().map_or(f.port.span(), Spanned::span),
                 Field::Backends => f.backends.span(),
                 Field::Backend(i) => f.backends.get_ref()[i].span(),
+                Field::Allow(i) => f.allow.as_ref().map_or(f.port.span(), |a| a.get_ref()[i].span()),
             };
             return Err(src.err(span, format!("frontend #{}: {}", p.frontend + 1, p.message)));
         }
@@ -387,6 +591,24 @@ impl Config {
                 None => Ok(PathBuf::from(default)),
             }
         };
+        let health = match raw.health {
+            Some(h) => {
+                let v = *h.get_ref();
+                if v.timeout.0 >= v.interval.0 {
+                    let msg = format!(
+                        "health: timeout {} must be shorter than interval {}, or checks would overlap",
+                        humantime::format_duration(v.timeout.0),
+                        humantime::format_duration(v.interval.0)
+                    );
+                    return Err(src.err(h.span(), msg));
+                }
+                if v.healthy_threshold == 0 || v.unhealthy_threshold == 0 || v.healthy_threshold > 100 || v.unhealthy_threshold > 100 {
+                    return Err(src.err(h.span(), "health: thresholds must be between 1 and 100"));
+                }
+                v
+            }
+            None => Health::default(),
+        };
         let pin_dir = absolute(raw.pin_dir, DEFAULT_PIN_DIR, "pin_dir")?;
         let socket = absolute(raw.socket, DEFAULT_SOCKET, "socket")?;
 
@@ -397,6 +619,8 @@ impl Config {
             max_flows,
             manage_sysctls: raw.manage_sysctls,
             timeouts: raw.timeouts,
+            health,
+            metrics_addr: raw.metrics_addr,
             pin_dir,
             socket,
             frontends,
@@ -421,6 +645,7 @@ pub enum Field {
     Address,
     Backends,
     Backend(usize),
+    Allow(usize),
 }
 
 /// A frontend that cannot be accepted: its index, the field, and why.
@@ -453,16 +678,38 @@ pub fn check_frontends(frontends: &[FrontendConfig], snat_ports: PortRange) -> R
         if f.backends.is_empty() {
             return problem(n, Field::Backends, "`backends` is empty".into());
         }
-        if f.backends.len() > 1 {
-            let msg = format!("{} backends given; this version forwards a frontend to exactly one", f.backends.len());
-            return problem(n, Field::Backends, msg);
+        if f.backends.iter().all(|b| b.weight == 0) {
+            return problem(n, Field::Backends, "every backend has weight 0, so none could be chosen".into());
         }
+        let mut seen = HashSet::new();
+        for (i, b) in f.backends.iter().enumerate() {
+            if !seen.insert(b.addr) {
+                return problem(n, Field::Backend(i), format!("backend {} is listed twice", b.addr));
+            }
+        }
+        for (i, c) in f.allow.iter().enumerate() {
+            if let Some(j) = f.allow[..i].iter().position(|d| d.overlaps(c)) {
+                return problem(n, Field::Allow(i), format!("allow {c} overlaps {}; list each network once", f.allow[j]));
+            }
+        }
+    }
+    let pools = frontends.iter().filter(|f| f.backends.len() > 1).count() as u32;
+    if pools > kpf_common::MAX_TABLES / 2 {
+        return problem(0, Field::Backends, format!("{pools} frontends have several backends; at most {}", kpf_common::MAX_TABLES / 2));
+    }
+    let distinct: HashSet<Backend> = frontends.iter().flat_map(|f| f.backends.iter().map(|b| b.addr)).collect();
+    if distinct.len() as u32 > kpf_common::MAX_BACKENDS {
+        return problem(0, Field::Backends, format!("{} distinct backends; at most {}", distinct.len(), kpf_common::MAX_BACKENDS));
+    }
+    let allows: usize = frontends.iter().map(|f| f.allow.len()).sum();
+    if allows as u32 > kpf_common::MAX_ALLOW {
+        return problem(0, Field::Port, format!("{allows} allowlist entries; at most {}", kpf_common::MAX_ALLOW));
     }
     // A backend that is itself a frontend would loop through the gateway.
     for (n, f) in frontends.iter().enumerate() {
         for (i, b) in f.backends.iter().enumerate() {
-            let ip = *b.0.ip();
-            if keys.contains_key(&(Some(ip), b.0.port())) {
+            let ip = *b.addr.0.ip();
+            if keys.contains_key(&(Some(ip), b.addr.0.port())) {
                 return problem(n, Field::Backend(i), format!("backend {b} is itself a frontend of this gateway"));
             }
         }
@@ -494,6 +741,36 @@ backends = ["10.64.0.3:39092"]
 "#;
 
     #[test]
+    fn bootstrap_frontend_with_weights_allowlist_and_health() {
+        let text = r#"
+interface = "eth0"
+metrics_addr = "127.0.0.1:9464"
+[health]
+check = "kafka"
+interval = "3s"
+timeout = "1s"
+unhealthy_threshold = 2
+[[frontend]]
+port = 9092
+backends = ["10.64.0.2:39092", { address = "10.64.0.3:39092", weight = 2 }]
+allow = ["10.128.0.0/20", "192.168.5.7/32"]
+when_all_unhealthy = "reject"
+"#;
+        let c = Config::parse(text, "kpf.toml").unwrap();
+        let f = &c.frontends[0];
+        assert_eq!(f.backends[1].weight, 2);
+        assert_eq!(f.allow.len(), 2);
+        assert!(f.allow[0].contains("10.128.15.255".parse().unwrap()) && !f.allow[0].contains("10.128.16.0".parse().unwrap()));
+        assert_eq!(f.when_all_unhealthy, WhenAllUnhealthy::Reject);
+        assert_eq!(c.health.check, CheckKind::Kafka);
+        assert_eq!(c.health.unhealthy_threshold, 2);
+        assert_eq!(c.health.healthy_threshold, 3, "defaults fill the rest");
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        // What kpf writes back parses to the same config.
+        assert_eq!(Config::parse(&c.to_toml(), "written").unwrap(), c);
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let c = Config::parse(GOOD, "kpf.toml").unwrap();
         assert_eq!(c.interfaces, ["eth0"]);
@@ -504,7 +781,7 @@ backends = ["10.64.0.3:39092"]
         assert_eq!(c.timeouts.fin, Timeouts::default().fin);
         assert_eq!(c.frontends.len(), 2);
         assert_eq!(c.frontends[1].address, Some(Ipv4Addr::new(10, 0, 0, 5)));
-        assert_eq!(c.frontends[1].backends, [Backend("10.64.0.3:39092".parse().unwrap())]);
+        assert_eq!(c.frontends[1].backends, [WeightedBackend { addr: "10.64.0.3:39092".parse().unwrap(), weight: 1 }]);
     }
 
     fn err(text: &str) -> String {
@@ -540,7 +817,15 @@ backends = ["10.64.0.3:39092"]
             ("interface = \"eth0\"\ninterfaces = [\"eth1\"]\n", "kpf.toml:2:14", "not both"),
             ("interfaces = [\"eth0\", \"eth0\"]\n", "kpf.toml:1:23", "listed twice"),
             ("interface = \"eth0\"\nmax_flows = 10\n", "kpf.toml:2:13", "max_flows"),
-            ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.2:39092\", \"10.64.0.3:39092\"]\n", "kpf.toml:4:12", "exactly one"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [{ address = \"10.64.0.2:39092\", weight = 0 }]\n", "kpf.toml:4:12", "weight 0"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [\"10.64.0.2:39092\", \"10.64.0.2:39092\"]\n", "kpf.toml:4:32", "listed twice"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [{ address = \"10.64.0.2:39092\", weight = 500 }]\n", "kpf.toml:4:12", "above 100"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [\"10.64.0.2:39092\"]\nallow = [\"10.0.0.0/8\", \"10.1.0.0/16\"]\n", "kpf.toml:5:24", "overlaps"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [\"10.64.0.2:39092\"]\nallow = [\"10.1.2.3/16\"]\n", "kpf.toml:5:9", "host bits"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [\"10.64.0.2:39092\"]\nallow = [\"10.1.2.0/40\"]\n", "kpf.toml:5:9", "not an IPv4 network"),
+            ("interface = \"eth0\"\n[health]\ninterval = \"2s\"\ntimeout = \"2s\"\n", "kpf.toml:2:1", "shorter than interval"),
+            ("interface = \"eth0\"\n[health]\ncheck = \"ping\"\n", "kpf.toml:3:9", "unknown variant"),
+            ("interface = \"eth0\"\n[[frontend]]\nport = 9092\nbackends = [\"10.64.0.2:39092\"]\nwhen_all_unhealthy = \"panic\"\n", "kpf.toml:5:22", "unknown variant"),
         ];
         let mut wrong = Vec::new();
         for (text, at, what) in cases {

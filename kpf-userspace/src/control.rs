@@ -53,6 +53,17 @@ pub enum Request {
         #[serde(default)]
         port: Option<u16>,
     },
+    /// Take a backend out of selection; reset what is left after `timeout_s` (default 300).
+    BackendDrain {
+        backend: String,
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+    BackendUndrain {
+        backend: String,
+    },
+    /// The Prometheus exposition text.
+    Metrics,
     /// Detach, unpin everything, and exit.
     Down,
 }
@@ -60,7 +71,7 @@ pub enum Request {
 impl Request {
     /// Whether this request changes anything (and so needs root).
     pub fn mutates(&self) -> bool {
-        !matches!(self, Request::MapLs | Request::Status | Request::Flows { .. })
+        !matches!(self, Request::MapLs | Request::Status | Request::Flows { .. } | Request::Metrics)
     }
 }
 

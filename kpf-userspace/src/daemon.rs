@@ -13,27 +13,33 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use kpf_common::{Config as KernelConfig, Direction, FlowKey, Frontend, FrontendKey, MAX_FRONTENDS, tcp};
+use kpf_common::{Config as KernelConfig, FrontendKey};
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     clock,
     config::{Backend, Config, FrontendConfig, Mode, check_frontends},
     control::{Request, Response},
+    converge::BackendEntry,
     error::{Error, Result},
-    gc,
-    loader::{self, Attached, Attachment, Dataplane},
-    neigh,
+    gc, health,
+    loader::{self, Attached, Dataplane},
+    metrics, neigh,
     pin::PinDir,
     plan::{self, Plan},
     server, sysctl,
 };
+
+pub use crate::views::{BackendStatus, FlowView, FrontendStatus, Status};
 
 const GC_INTERVAL: Duration = Duration::from_secs(5);
 const NEIGH_INTERVAL: Duration = Duration::from_secs(2);
@@ -51,19 +57,30 @@ pub struct Options {
     pub config_path: Option<PathBuf>,
 }
 
+/// How long `kpf backend drain` waits before resetting what is left, unless told otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Everything the running daemon owns.
 pub struct Daemon {
-    config: Config,
-    config_path: Option<PathBuf>,
-    pins: PinDir,
-    dp: Dataplane,
-    kernel: KernelConfig,
+    pub(crate) config: Config,
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) pins: PinDir,
+    pub(crate) dp: Dataplane,
+    pub(crate) kernel: KernelConfig,
     /// Last seen (route, MAC) of each backend's next hop.
     next_hops: BTreeMap<Ipv4Addr, Option<(neigh::Route, Option<String>)>>,
-    /// Where the search for a free frontend id starts, so a just-freed id (whose connections may
-    /// still be draining) is not handed out again at once.
-    next_id: u32,
-    started: Instant,
+    /// Every backend some frontend names, by address.
+    pub(crate) backends: BTreeMap<SocketAddrV4, BackendEntry>,
+    /// The table pair of each frontend with several backends.
+    pub(crate) pools: HashMap<FrontendKey, u32>,
+    /// What this daemon last wrote into each Maglev table.
+    pub(crate) tables: HashMap<u32, Vec<u32>>,
+    /// Where the searches for free ids start (see `converge::allocate`).
+    pub(crate) next_frontend_id: u32,
+    pub(crate) next_backend_id: u32,
+    pub(crate) next_pool: u32,
+    pub(crate) health_tx: mpsc::Sender<health::Outcome>,
+    pub(crate) started: Instant,
 }
 
 fn require_root() -> Result<()> {
@@ -106,7 +123,7 @@ fn check_backends_remote(config: &Config) -> Result<()> {
     let local = local_addresses()?;
     for f in &config.frontends {
         for b in &f.backends {
-            if local.contains(b.0.ip()) {
+            if local.contains(b.addr.0.ip()) {
                 return Err(Error::Rejected(format!(
                     "frontend {}: backend {b} is an address of this gateway; kpf forwards to other hosts only",
                     f.label()
@@ -141,45 +158,9 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     result
 }
 
-#[derive(Debug, Serialize)]
-pub struct FrontendStatus {
-    pub frontend: String,
-    pub backends: Vec<String>,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub live_flows: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub pid: u32,
-    pub uptime_s: u64,
-    pub config: Option<PathBuf>,
-    pub pin_dir: PathBuf,
-    pub socket: PathBuf,
-    pub interfaces: Vec<Attachment>,
-    pub frontends: Vec<FrontendStatus>,
-    pub tracked_connections: u64,
-    pub counters: BTreeMap<&'static str, u64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct FlowView {
-    pub client: String,
-    pub frontend: String,
-    pub gateway: String,
-    pub backend: String,
-    pub state: &'static str,
-    pub age_s: f64,
-    pub idle_s: f64,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
 impl Daemon {
     /// Checks the host, loads the program (adopting pinned state), fills its maps and attaches.
-    pub fn start(mut config: Config, opts: Options) -> Result<Daemon> {
+    pub fn start(mut config: Config, opts: Options, health_tx: mpsc::Sender<health::Outcome>) -> Result<Daemon> {
         require_root()?;
         if let Some(m) = opts.mode {
             config.mode = m;
@@ -212,11 +193,20 @@ impl Daemon {
             dp,
             kernel,
             next_hops: BTreeMap::new(),
-            next_id: 0,
+            backends: BTreeMap::new(),
+            pools: HashMap::new(),
+            tables: HashMap::new(),
+            next_frontend_id: 0,
+            next_backend_id: 0,
+            next_pool: 0,
+            health_tx,
             started: Instant::now(),
         };
         d.dp.set_kernel_config(&d.kernel)?;
-        d.converge_frontends(&config.frontends, &HashSet::new())?;
+        if adopting {
+            d.adopt_ids()?;
+        }
+        d.converge(&config, &HashSet::new())?;
         d.refresh_next_hops(true);
         d.await_next_hops(NEIGH_STARTUP_WAIT);
 
@@ -243,77 +233,6 @@ impl Daemon {
         Ok(d)
     }
 
-    /// Makes the kernel's frontend map hold exactly `desired`. Frontends in `reset` lose their
-    /// connections too; every other connection is left alone (removed frontends drain).
-    fn converge_frontends(&mut self, desired: &[FrontendConfig], reset: &HashSet<FrontendKey>) -> Result<()> {
-        let current: HashMap<FrontendKey, Frontend> = self.dp.frontends()?.into_iter().collect();
-        let wanted: HashMap<FrontendKey, &FrontendConfig> =
-            desired.iter().map(|f| (loader::frontend_key(f.address, f.port), f)).collect();
-
-        for (key, fe) in &current {
-            if wanted.contains_key(key) && !reset.contains(key) {
-                continue;
-            }
-            if reset.contains(key) {
-                self.reset_flows(fe.id)?;
-            }
-            if !wanted.contains_key(key) {
-                self.dp.remove_frontend(*key)?;
-            }
-        }
-        let mut used: HashSet<u32> =
-            current.iter().filter(|(k, _)| wanted.contains_key(k)).map(|(_, f)| f.id).collect();
-        for (key, f) in &wanted {
-            let b = f.backends[0].0;
-            let mut fe = Frontend {
-                id: 0,
-                backend_addr: kpf_common::wire::addr(*b.ip()),
-                backend_port: kpf_common::wire::port(b.port()),
-                flags: 0,
-            };
-            match current.get(key) {
-                Some(old) => {
-                    fe.id = old.id;
-                    if *old == fe {
-                        continue;
-                    }
-                }
-                None => {
-                    fe.id = self.free_id(&used)?;
-                    used.insert(fe.id);
-                    self.dp.reset_frontend_stats(fe.id)?;
-                }
-            }
-            self.dp.set_frontend(*key, fe)?;
-        }
-        Ok(())
-    }
-
-    fn free_id(&mut self, used: &HashSet<u32>) -> Result<u32> {
-        for i in 0..MAX_FRONTENDS {
-            let id = (self.next_id + i) % MAX_FRONTENDS;
-            if !used.contains(&id) {
-                self.next_id = (id + 1) % MAX_FRONTENDS;
-                return Ok(id);
-            }
-        }
-        Err(Error::Rejected(format!("no room for another frontend (at most {MAX_FRONTENDS})")))
-    }
-
-    /// Forgets every connection of frontend `id`: the next packet from either side reaches the
-    /// kernel, which has no such connection and answers RST.
-    fn reset_flows(&mut self, id: u32) -> Result<usize> {
-        let mut n = 0;
-        for (key, flow) in self.dp.flows()? {
-            if flow.frontend_id == id {
-                self.dp.remove_flow(&key)?;
-                n += 1;
-            }
-        }
-        log::info!("reset {} connection(s) of frontend id {id}", n / 2);
-        Ok(n)
-    }
-
     /// Converges everything to `desired` and records it; on any failure restores the previous
     /// state and reports why. Returns what changed.
     fn change(&mut self, desired: Config, reset: &HashSet<FrontendKey>) -> Result<Plan> {
@@ -331,7 +250,10 @@ impl Daemon {
             self.kernel.snat_port_min = desired.snat_ports.min;
             self.kernel.snat_port_max = desired.snat_ports.max;
             self.dp.set_kernel_config(&self.kernel)?;
-            self.converge_frontends(&desired.frontends, reset)?;
+            if desired.health != self.config.health {
+                self.restart_checkers();
+            }
+            self.converge(&desired, reset)?;
             if let Some(path) = &self.config_path {
                 write_atomic(path, &desired.to_toml())?;
             }
@@ -339,7 +261,7 @@ impl Daemon {
         })();
         if let Err(e) = result {
             self.kernel = old_kernel;
-            let restored = self.dp.set_kernel_config(&self.kernel).and_then(|()| self.converge_frontends(&old.frontends, &HashSet::new()));
+            let restored = self.dp.set_kernel_config(&self.kernel).and_then(|()| self.converge(&old, &HashSet::new()));
             if let Err(r) = restored {
                 log::error!("could not restore the previous mappings after a failed change: {r}");
             }
@@ -356,7 +278,7 @@ impl Daemon {
 
     fn backend_ips(&self) -> Vec<Ipv4Addr> {
         let mut v: Vec<Ipv4Addr> =
-            self.config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| *b.0.ip())).collect();
+            self.config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| *b.addr.0.ip())).collect();
         v.sort();
         v.dedup();
         v
@@ -433,81 +355,9 @@ impl Daemon {
         }
     }
 
-    pub fn status(&self) -> Result<Status> {
-        let now = clock::coarse_now_ns();
-        let mut live: HashMap<u32, u64> = HashMap::new();
-        let mut tracked = 0;
-        for (_, f) in self.dp.flows()? {
-            let open = tcp::State::from_u8(f.state).is_some_and(|s| !s.reusable());
-            if f.direction == Direction::Original as u8 && open && !tcp::expired(&self.kernel.timeouts_ns, f.state, f.last_seen_ns, now) {
-                *live.entry(f.frontend_id).or_default() += 1;
-                tracked += 1;
-            }
-        }
-        let ids: HashMap<FrontendKey, u32> = self.dp.frontends()?.into_iter().map(|(k, f)| (k, f.id)).collect();
-        let mut frontends = Vec::new();
-        for f in &self.config.frontends {
-            let id = ids.get(&loader::frontend_key(f.address, f.port)).copied();
-            let s = match id {
-                Some(id) => self.dp.frontend_stats(id)?,
-                None => Default::default(),
-            };
-            frontends.push(FrontendStatus {
-                frontend: f.label(),
-                backends: f.backends.iter().map(ToString::to_string).collect(),
-                packets: s.packets,
-                bytes: s.bytes,
-                new_flows: s.new_flows,
-                live_flows: id.and_then(|id| live.get(&id).copied()).unwrap_or(0),
-            });
-        }
-        Ok(Status {
-            pid: std::process::id(),
-            uptime_s: self.started.elapsed().as_secs(),
-            config: self.config_path.clone(),
-            pin_dir: self.config.pin_dir.clone(),
-            socket: self.config.socket.clone(),
-            interfaces: self.dp.attachments().to_vec(),
-            frontends,
-            tracked_connections: tracked,
-            counters: self.dp.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect(),
-        })
-    }
-
-    /// Live connections (one row each, from the client's side), optionally of one frontend port.
-    pub fn flows(&self, port: Option<u16>) -> Result<Vec<FlowView>> {
-        let now = clock::coarse_now_ns();
-        let all: HashMap<FlowKey, kpf_common::Flow> = self.dp.flows()?.into_iter().collect();
-        let mut out = Vec::new();
-        for (k, f) in &all {
-            if f.direction != Direction::Original as u8 {
-                continue;
-            }
-            if port.is_some_and(|p| kpf_common::wire::port(p) != k.dst_port) {
-                continue;
-            }
-            let reply = all.get(&FlowKey::reply_of(&f.nat));
-            let last = reply.map_or(f.last_seen_ns, |r| r.last_seen_ns.max(f.last_seen_ns));
-            let secs = |ns: u64| (ns as f64 / 1e9 * 10.0).round() / 10.0;
-            out.push(FlowView {
-                client: loader::endpoint(k.src_addr, k.src_port).to_string(),
-                frontend: loader::endpoint(k.dst_addr, k.dst_port).to_string(),
-                gateway: loader::endpoint(f.nat.src_addr, f.nat.src_port).to_string(),
-                backend: loader::endpoint(f.nat.dst_addr, f.nat.dst_port).to_string(),
-                state: tcp::State::from_u8(f.state).map_or("unknown", tcp::State::name),
-                age_s: secs(now.saturating_sub(f.created_ns)),
-                idle_s: secs(now.saturating_sub(last)),
-                packets: f.packets + reply.map_or(0, |r| r.packets),
-                bytes: f.bytes + reply.map_or(0, |r| r.bytes),
-            });
-        }
-        out.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
-        Ok(out)
-    }
-
     fn find(&self, address: Option<Ipv4Addr>, port: u16) -> Result<usize> {
         self.config.frontends.iter().position(|f| f.address == address && f.port == port).ok_or_else(|| {
-            let label = FrontendConfig { address, port, backends: vec![] }.label();
+            let label = label(address, port);
             Error::Rejected(format!("no frontend {label}; `kpf map ls` lists them"))
         })
     }
@@ -523,6 +373,31 @@ impl Daemon {
 
     fn backend(text: &str) -> Result<Backend> {
         text.parse().map_err(Error::Rejected)
+    }
+
+    fn known_backend(&self, text: &str) -> Result<SocketAddrV4> {
+        let b = Self::backend(text)?;
+        if !self.backends.contains_key(&b.0) {
+            return Err(Error::Rejected(format!("no frontend uses backend {b}; `kpf status` lists them")));
+        }
+        Ok(b.0)
+    }
+
+    /// Applies one health check result; a flipped verdict changes what pools may pick.
+    fn on_health(&mut self, o: health::Outcome) {
+        let h = self.config.health;
+        let Some(e) = self.backends.get_mut(&o.backend) else { return };
+        if !e.health.record(&o.result, &h) {
+            return;
+        }
+        match &o.result {
+            Ok(()) => log::info!("backend {} is healthy again", o.backend),
+            Err(why) => log::warn!("backend {} is unhealthy: {why}", o.backend),
+        }
+        let config = self.config.clone();
+        if let Err(e) = self.converge(&config, &HashSet::new()) {
+            log::error!("applying the health change of {}: {e}", o.backend);
+        }
     }
 
     /// Answers one control request; the bool asks the daemon to exit afterwards.
@@ -547,13 +422,13 @@ impl Daemon {
             Request::MapAdd { port, address, backend } => {
                 let b = Self::backend(&backend)?;
                 if self.find(address, port).is_ok() {
-                    let label = FrontendConfig { address, port, backends: vec![] }.label();
+                    let label = label(address, port);
                     return Err(Error::Rejected(format!(
                         "frontend {label} already exists; `kpf map set` changes its backend"
                     )));
                 }
                 let mut desired = self.config.clone();
-                desired.frontends.push(FrontendConfig { address, port, backends: vec![b] });
+                desired.frontends.push(FrontendConfig::single(address, port, b));
                 let desired = self.validated(desired)?;
                 json(&self.change(desired, &HashSet::new())?)
             }
@@ -561,7 +436,7 @@ impl Daemon {
                 let b = Self::backend(&backend)?;
                 let i = self.find(address, port)?;
                 let mut desired = self.config.clone();
-                desired.frontends[i].backends = vec![b];
+                desired.frontends[i].backends = vec![crate::config::WeightedBackend { addr: b, weight: 1 }];
                 let desired = self.validated(desired)?;
                 json(&self.change(desired, &HashSet::new())?)
             }
@@ -587,12 +462,41 @@ impl Daemon {
                 let desired = self.validated(Config::load(&path)?)?;
                 json(&self.change(desired, &HashSet::new())?)
             }
+            Request::BackendDrain { backend, timeout_s } => {
+                let addr = self.known_backend(&backend)?;
+                let timeout = timeout_s.map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_secs);
+                let e = self.backends.get_mut(&addr).expect("known_backend checked");
+                e.drain_deadline = Some(Instant::now() + timeout);
+                e.drain_done = false;
+                let config = self.config.clone();
+                self.converge(&config, &HashSet::new())?;
+                log::info!("draining {addr}: no new connections; the rest are reset in {}", humantime::format_duration(timeout));
+                json(&format!("draining {addr}; remaining connections are reset in {}", humantime::format_duration(timeout)))
+            }
+            Request::BackendUndrain { backend } => {
+                let addr = self.known_backend(&backend)?;
+                let e = self.backends.get_mut(&addr).expect("known_backend checked");
+                let was = e.drain_deadline.take().is_some();
+                e.drain_done = false;
+                let config = self.config.clone();
+                self.converge(&config, &HashSet::new())?;
+                log::info!("{addr} back in selection");
+                json(&if was { format!("{addr} takes new connections again") } else { format!("{addr} was not draining") })
+            }
+            Request::Metrics => json(&metrics::render(&self.status()?)),
             Request::Down => {
                 let removed = self.pins.remove_all()?;
                 log::info!("down: unpinned {} object(s) from {}; detaching", removed.len(), self.pins.root().display());
                 json(&removed.len())
             }
         }
+    }
+}
+
+fn label(address: Option<Ipv4Addr>, port: u16) -> String {
+    match address {
+        Some(a) => format!("{a}:{port}"),
+        None => format!("*:{port}"),
     }
 }
 
@@ -606,9 +510,18 @@ fn json<T: Serialize + ?Sized>(v: &T) -> Result<serde_json::Value> {
 pub async fn run(config: Config, opts: Options) -> Result<()> {
     let socket_path = config.socket.clone();
     let listener = server::bind(&socket_path)?;
-    let mut d = Daemon::start(config, opts)?;
-    let (requests, mut incoming) = tokio::sync::mpsc::channel(16);
-    let accept = tokio::spawn(server::serve(listener, requests));
+    let metrics_listener = match config.metrics_addr {
+        Some(a) => Some(metrics::bind(a).await?),
+        None => None,
+    };
+    let (health_tx, mut health_rx) = mpsc::channel(256);
+    let mut d = Daemon::start(config, opts, health_tx)?;
+    let (requests, mut incoming) = mpsc::channel(16);
+    let accept = tokio::spawn(server::serve(listener, requests.clone()));
+    let metrics_task = metrics_listener.map(|l| {
+        log::info!("serving metrics on http://{}/metrics", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        tokio::spawn(metrics::serve(l, requests))
+    });
 
     let sig = |k| signal(k).map_err(Error::io("installing signal handlers"));
     let (mut term, mut int, mut hup, mut usr1) =
@@ -627,6 +540,7 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
 
     let mut gc_tick = tokio::time::interval(GC_INTERVAL);
     let mut neigh_tick = tokio::time::interval(NEIGH_INTERVAL);
+    let mut drain_tick = tokio::time::interval(Duration::from_secs(1));
     let mut down = false;
     loop {
         tokio::select! {
@@ -639,6 +553,8 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
             _ = usr1.recv() => log_counters(&d),
             _ = gc_tick.tick() => d.collect_garbage(),
             _ = neigh_tick.tick() => d.refresh_next_hops(false),
+            _ = drain_tick.tick() => d.expire_drains(),
+            Some(outcome) = health_rx.recv() => d.on_health(outcome),
             Some(server::Call { request, uid, reply, written }) = incoming.recv() => {
                 let (response, exit) = d.handle(request, uid);
                 let _ = reply.send(response);
@@ -651,6 +567,9 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
         }
     }
     accept.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     log_counters(&d);
     if down {

@@ -4,12 +4,12 @@ use std::{ffi::CString, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, lpm_trie::{Key, LpmTrie}},
     programs::{Xdp, XdpMode, links::{FdLink, PinnedLink}, xdp::XdpLink},
 };
 use kpf_common::{
-    COUNTER_COUNT, Config as KernelConfig, Counter, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo,
-    names,
+    AllowKey, Backend, COUNTER_COUNT, Config as KernelConfig, Counter, Flow, FlowKey, Frontend, FrontendKey,
+    FrontendStats, IfaceInfo, MAGLEV_SIZE, names,
 };
 
 use crate::{
@@ -19,8 +19,12 @@ use crate::{
 };
 
 /// Every map, for pinning.
-const MAP_NAMES: [&str; 7] = [
+const MAP_NAMES: [&str; 11] = [
     names::FRONTENDS,
+    names::BACKENDS,
+    names::MAGLEV,
+    names::ALLOW,
+    names::BACKEND_STATS,
     names::FLOWS,
     names::CONFIG,
     names::IFACES,
@@ -291,8 +295,16 @@ impl Dataplane {
     }
 
     pub fn frontend_stats(&self, id: u32) -> Result<FrontendStats> {
-        let a: PerCpuArray<&MapData, FrontendStats> = self.map(names::FRONTEND_STATS)?;
-        let per_cpu = a.get(&id, 0).map_err(Error::map(names::FRONTEND_STATS))?;
+        self.traffic(names::FRONTEND_STATS, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<FrontendStats> {
+        self.traffic(names::BACKEND_STATS, id)
+    }
+
+    fn traffic(&self, map: &'static str, id: u32) -> Result<FrontendStats> {
+        let a: PerCpuArray<&MapData, FrontendStats> = self.map(map)?;
+        let per_cpu = a.get(&id, 0).map_err(Error::map(map))?;
         Ok(per_cpu.iter().fold(FrontendStats::default(), |mut acc, s| {
             acc.packets += s.packets;
             acc.bytes += s.bytes;
@@ -303,11 +315,81 @@ impl Dataplane {
 
     /// Zeroes a frontend id's counters, so a reused id starts from nothing.
     pub fn reset_frontend_stats(&mut self, id: u32) -> Result<()> {
-        let mut a: PerCpuArray<&mut MapData, FrontendStats> = self.map_mut(names::FRONTEND_STATS)?;
+        self.reset_traffic(names::FRONTEND_STATS, id)
+    }
+
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
+        self.reset_traffic(names::BACKEND_STATS, id)
+    }
+
+    fn reset_traffic(&mut self, map: &'static str, id: u32) -> Result<()> {
+        let mut a: PerCpuArray<&mut MapData, FrontendStats> = self.map_mut(map)?;
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what)(e))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![FrontendStats::default(); cpus])
             .map_err(Error::io("per-CPU values"))?;
-        a.set(id, zero, 0).map_err(Error::map(names::FRONTEND_STATS))
+        a.set(id, zero, 0).map_err(Error::map(map))
+    }
+
+    pub fn set_backend(&mut self, id: u32, b: Backend) -> Result<()> {
+        let mut a: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
+        a.set(id, b, 0).map_err(Error::map(names::BACKENDS))
+    }
+
+    /// The backends slots in use, by id.
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let a: Array<&MapData, Backend> = self.map(names::BACKENDS)?;
+        let mut out = Vec::new();
+        for (id, b) in a.iter().enumerate() {
+            let b = b.map_err(Error::map(names::BACKENDS))?;
+            if b.flags & Backend::PRESENT != 0 {
+                out.push((id as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a whole Maglev table (`MAGLEV_SIZE` backend ids).
+    pub fn write_table(&mut self, table: u32, ids: &[u32]) -> Result<()> {
+        debug_assert_eq!(ids.len(), MAGLEV_SIZE as usize);
+        let mut a: Array<&mut MapData, u32> = self.map_mut(names::MAGLEV)?;
+        for (slot, id) in ids.iter().enumerate() {
+            a.set(kpf_common::select::table_index(table, slot as u32), id, 0).map_err(Error::map(names::MAGLEV))?;
+        }
+        Ok(())
+    }
+
+    pub fn read_table(&self, table: u32) -> Result<Vec<u32>> {
+        let a: Array<&MapData, u32> = self.map(names::MAGLEV)?;
+        (0..MAGLEV_SIZE)
+            .map(|slot| a.get(&kpf_common::select::table_index(table, slot), 0).map_err(Error::map(names::MAGLEV)))
+            .collect()
+    }
+
+    /// Allowlist entries as (frontend id, network address in host order, prefix bits).
+    pub fn allow_entries(&self) -> Result<Vec<(u32, std::net::Ipv4Addr, u8)>> {
+        let t: LpmTrie<&MapData, AllowKey, u8> = self.map(names::ALLOW)?;
+        let mut out = Vec::new();
+        for k in t.keys() {
+            let k = k.map_err(Error::map(names::ALLOW))?;
+            let d = k.data();
+            out.push((u32::from_be_bytes(d.frontend), std::net::Ipv4Addr::from(d.addr), (k.prefix_len() - 32) as u8));
+        }
+        Ok(out)
+    }
+
+    pub fn allow_insert(&mut self, frontend_id: u32, net: std::net::Ipv4Addr, bits: u8) -> Result<()> {
+        let mut t: LpmTrie<&mut MapData, AllowKey, u8> = self.map_mut(names::ALLOW)?;
+        let key = Key::new(AllowKey::prefix_len(bits as u32), AllowKey::new(frontend_id, kpf_common::wire::addr(net)));
+        t.insert(&key, 1, 0).map_err(Error::map(names::ALLOW))
+    }
+
+    pub fn allow_remove(&mut self, frontend_id: u32, net: std::net::Ipv4Addr, bits: u8) -> Result<()> {
+        let mut t: LpmTrie<&mut MapData, AllowKey, u8> = self.map_mut(names::ALLOW)?;
+        let key = Key::new(AllowKey::prefix_len(bits as u32), AllowKey::new(frontend_id, kpf_common::wire::addr(net)));
+        match t.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::map(names::ALLOW)(e)),
+        }
     }
 
     /// Every conntrack entry (both directions of each connection).

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kpf_common::{Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo};
+use kpf_common::{AllowKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo};
 
 use crate::error::{Error, Result};
 
@@ -27,7 +27,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub fn layout() -> String {
     use core::mem::size_of;
     format!(
-        "v1-{}-{}-{}-{}-{}-{}-{}-{}",
+        "v2-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
         size_of::<FlowKey>(),
         size_of::<Flow>(),
         size_of::<FrontendKey>(),
@@ -36,6 +36,11 @@ pub fn layout() -> String {
         size_of::<IfaceInfo>(),
         size_of::<FrontendStats>(),
         kpf_common::COUNTER_COUNT,
+        size_of::<Backend>(),
+        size_of::<AllowKey>(),
+        kpf_common::MAX_BACKENDS,
+        kpf_common::MAGLEV_SIZE,
+        kpf_common::MAX_TABLES,
     )
 }
 

@@ -34,7 +34,14 @@ impl Plan {
 }
 
 fn backends(f: &FrontendConfig) -> String {
-    f.backends.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    let mut s = f.backends.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    if !f.allow.is_empty() {
+        s += &format!(" allow {}", f.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+    }
+    if f.when_all_unhealthy != Default::default() {
+        s += " reject-when-all-unhealthy";
+    }
+    s
 }
 
 pub fn plan(live: &Config, desired: &Config) -> Plan {
@@ -42,7 +49,7 @@ pub fn plan(live: &Config, desired: &Config) -> Plan {
     for f in &live.frontends {
         match desired.frontend(f.address, f.port) {
             None => changes.push(Change::Remove { frontend: f.label(), backend: backends(f) }),
-            Some(d) if d.backends != f.backends => {
+            Some(d) if d != f => {
                 changes.push(Change::Set { frontend: f.label(), from: backends(f), to: backends(d) })
             }
             Some(_) => {}
@@ -66,6 +73,10 @@ pub fn plan(live: &Config, desired: &Config) -> Plan {
     let t = |c: &Config| toml::to_string(&c.timeouts).unwrap_or_default().replace('\n', " ").trim().to_owned();
     setting("timeouts", t(live), t(desired), true);
     setting("snat_ports", live.snat_ports.to_string(), desired.snat_ports.to_string(), true);
+    let h = |c: &Config| toml::to_string(&c.health).unwrap_or_default().replace('\n', " ").trim().to_owned();
+    setting("health", h(live), h(desired), true);
+    let m = |c: &Config| c.metrics_addr.map_or("off".to_owned(), |a| a.to_string());
+    setting("metrics_addr", m(live), m(desired), false);
     setting("interfaces", live.interfaces.join(","), desired.interfaces.join(","), false);
     setting("mode", format!("{:?}", live.mode).to_lowercase(), format!("{:?}", desired.mode).to_lowercase(), false);
     setting("max_flows", live.max_flows.to_string(), desired.max_flows.to_string(), false);

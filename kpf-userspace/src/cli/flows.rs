@@ -1,5 +1,7 @@
-use kpf::control::{self, Request};
-use serde::Deserialize;
+use kpf::{
+    control::{self, Request},
+    daemon::FlowView,
+};
 
 use super::{JsonArg, SocketArg, print_json};
 
@@ -14,25 +16,13 @@ pub struct Args {
     pub socket: SocketArg,
 }
 
-#[derive(Deserialize)]
-struct Flow {
-    client: String,
-    frontend: String,
-    gateway: String,
-    backend: String,
-    state: String,
-    age_s: f64,
-    idle_s: f64,
-    bytes: u64,
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let answer = control::call(&args.socket.socket, &Request::Flows { port: args.port })?;
     if args.json.json {
         print_json(&answer);
         return Ok(());
     }
-    let flows: Vec<Flow> = serde_json::from_value(answer)?;
+    let flows: Vec<FlowView> = serde_json::from_value(answer)?;
     println!(
         "{:<22} {:<22} {:<22} {:<22} {:<16} {:>8} {:>8} {:>12}",
         "CLIENT", "FRONTEND", "GATEWAY", "BACKEND", "STATE", "AGE", "IDLE", "BYTES"

@@ -2,10 +2,12 @@
 //! over its control socket.
 
 pub mod apply;
+pub mod backend;
 pub mod check;
 pub mod down;
 pub mod flows;
 pub mod map;
+pub mod metrics;
 pub mod run;
 pub mod status;
 
@@ -29,6 +31,11 @@ pub enum Command {
     /// Add, remove, change or list mappings on the running daemon.
     #[command(subcommand)]
     Map(map::Command),
+    /// Drain a backend (no new connections, existing ones reset after a timeout) or undrain it.
+    #[command(subcommand)]
+    Backend(backend::Command),
+    /// Print the Prometheus metrics.
+    Metrics(metrics::Args),
     /// Converge the running daemon to a config file: show the plan, then apply it.
     Apply(apply::Args),
     /// Attach mode, interfaces, frontends with their counters and live connections.

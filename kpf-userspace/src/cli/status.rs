@@ -1,4 +1,7 @@
-use kpf::control::{self, Request};
+use kpf::{
+    control::{self, Request},
+    daemon::{BackendStatus, FrontendStatus},
+};
 use serde::Deserialize;
 
 use super::{JsonArg, SocketArg, print_json};
@@ -18,22 +21,13 @@ struct Iface {
 }
 
 #[derive(Deserialize)]
-struct Frontend {
-    frontend: String,
-    backends: Vec<String>,
-    packets: u64,
-    bytes: u64,
-    new_flows: u64,
-    live_flows: u64,
-}
-
-#[derive(Deserialize)]
 struct Status {
     pid: u32,
     uptime_s: u64,
     pin_dir: String,
     interfaces: Vec<Iface>,
-    frontends: Vec<Frontend>,
+    frontends: Vec<FrontendStatus>,
+    backends: Vec<BackendStatus>,
     tracked_connections: u64,
     counters: std::collections::BTreeMap<String, u64>,
 }
@@ -60,6 +54,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             f.bytes,
             f.new_flows,
             f.live_flows
+        );
+    }
+    println!(
+        "\n{:<22} {:<10} {:>10} {:>14} {:>10} {:>6}  {}",
+        "BACKEND", "HEALTH", "PACKETS", "BYTES", "NEW", "LIVE", "LAST CHECK"
+    );
+    for b in &s.backends {
+        let health = match (b.healthy, b.draining) {
+            (_, true) => "draining",
+            (true, false) => "healthy",
+            (false, false) => "UNHEALTHY",
+        };
+        println!(
+            "{:<22} {:<10} {:>10} {:>14} {:>10} {:>6}  {}",
+            b.backend,
+            health,
+            b.packets,
+            b.bytes,
+            b.new_flows,
+            b.live_flows,
+            b.last_error.as_deref().unwrap_or("ok")
         );
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();

@@ -1474,10 +1474,10 @@ impl<'a> Harness<'a> {
         assert_eq!((config.snat_port_min, config.snat_port_max, config.min_mtu), (SNAT_MIN, SNAT_MAX, 1500));
         dp.set_kernel_config(&config)?;
         for (addr, port, id, backend) in FRONTENDS {
-            dp.set_frontend(
-                frontend_key(addr, port),
-                Frontend { id, backend_addr: wire::addr(backend), backend_port: wire::port(BACKEND_PORT), flags: 0 },
-            )?;
+            // Each frontend's one backend gets the frontend's id as its backend id.
+            let flags = kpf_common::Backend::PRESENT;
+            dp.set_backend(id, kpf_common::Backend { addr: wire::addr(backend), port: wire::port(BACKEND_PORT), flags })?;
+            dp.set_frontend(frontend_key(addr, port), Frontend { id, target: id, ..Frontend::default() })?;
         }
         Ok(Harness { gw, dp, ifaces, config, learned: Learned::default(), skipped: Vec::new() })
     }

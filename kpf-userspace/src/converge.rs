@@ -1,0 +1,323 @@
+//! Making the kernel's maps say what the desired config says: backends (stable ids, draining),
+//! frontends (single backend or a Maglev pool), allowlists, and the health-dependent choice of
+//! which backends a pool may pick. Idempotent: called at start-up (adopting whatever a previous
+//! daemon left), after every change, and whenever health or draining changes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use kpf_common::{Backend, Direction, FlowKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_TABLES, tcp};
+
+use crate::{
+    config::{CheckKind, Config, FrontendConfig, Health, WhenAllUnhealthy},
+    daemon::Daemon,
+    error::{Error, Result},
+    health, loader,
+    maglev::{self, Candidate},
+    reset,
+};
+
+/// What the daemon knows about one backend.
+#[derive(Debug)]
+pub struct BackendEntry {
+    pub id: u32,
+    pub health: health::State,
+    /// Set while draining: when its remaining connections are reset.
+    pub drain_deadline: Option<Instant>,
+    /// Connections already reset at the deadline (the drain stays until undrained).
+    pub drain_done: bool,
+    pub checker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for BackendEntry {
+    fn drop(&mut self) {
+        if let Some(c) = self.checker.take() {
+            c.abort();
+        }
+    }
+}
+
+/// Lowest id in `0..max` not in `used`, searching from `*cursor` so a just-freed id (whose
+/// connections may still be draining, counting toward it) is not handed out again at once.
+fn allocate(cursor: &mut u32, max: u32, used: &HashSet<u32>, what: &str) -> Result<u32> {
+    for i in 0..max {
+        let id = (*cursor + i) % max;
+        if !used.contains(&id) {
+            *cursor = (id + 1) % max;
+            return Ok(id);
+        }
+    }
+    Err(Error::Rejected(format!("no room for another {what} (at most {max})")))
+}
+
+impl Daemon {
+    /// Picks up the ids a previous daemon gave backends and pools, so adoption changes nothing.
+    pub(crate) fn adopt_ids(&mut self) -> Result<()> {
+        for (id, b) in self.dp.backends()? {
+            let addr = loader::endpoint(b.addr, b.port);
+            self.backends.entry(addr).or_insert(BackendEntry {
+                id,
+                health: health::State::default(),
+                drain_deadline: None,
+                drain_done: false,
+                checker: None,
+            });
+        }
+        for (key, fe) in self.dp.frontends()? {
+            if fe.flags & Frontend::POOL != 0 {
+                self.pools.insert(key, fe.target / 2);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel hold exactly `desired`. Frontends in `reset` lose their connections too
+    /// (RST toward both sides); every other connection is left alone, so removed frontends and
+    /// backends drain.
+    pub(crate) fn converge(&mut self, config: &Config, reset: &HashSet<FrontendKey>) -> Result<()> {
+        let desired = &config.frontends[..];
+        self.converge_backends(desired, config.health)?;
+        let current: HashMap<FrontendKey, Frontend> = self.dp.frontends()?.into_iter().collect();
+        let wanted: HashMap<FrontendKey, &FrontendConfig> =
+            desired.iter().map(|f| (loader::frontend_key(f.address, f.port), f)).collect();
+        let allow_now = self.dp.allow_entries()?;
+
+        for (key, fe) in &current {
+            if reset.contains(key) {
+                self.reset_where(|f| f.frontend_id == fe.id)?;
+            }
+            if !wanted.contains_key(key) {
+                self.dp.remove_frontend(*key)?;
+                for (id, net, bits) in &allow_now {
+                    if *id == fe.id {
+                        self.dp.allow_remove(*id, *net, *bits)?;
+                    }
+                }
+                self.pools.remove(key);
+            }
+        }
+        let mut used: HashSet<u32> = current.iter().filter(|(k, _)| wanted.contains_key(k)).map(|(_, f)| f.id).collect();
+        for (key, f) in &wanted {
+            let id = match current.get(key) {
+                Some(old) => old.id,
+                None => {
+                    let id = allocate(&mut self.next_frontend_id, MAX_FRONTENDS, &used, "frontend")?;
+                    used.insert(id);
+                    self.dp.reset_frontend_stats(id)?;
+                    id
+                }
+            };
+            let mut fe = self.frontend_value(key, f, id, current.get(key))?;
+            // Allowlist entries go in before the flag that makes the kernel consult them, and
+            // stale ones go after, so no moment lets a wrong source through.
+            let want: HashSet<(Ipv4Addr, u8)> = f.allow.iter().map(|c| (c.addr, c.bits)).collect();
+            let have: HashSet<(Ipv4Addr, u8)> =
+                allow_now.iter().filter(|(i, ..)| *i == id).map(|(_, n, b)| (*n, *b)).collect();
+            for (net, bits) in want.difference(&have) {
+                self.dp.allow_insert(id, *net, *bits)?;
+            }
+            if !want.is_empty() {
+                fe.flags |= Frontend::ALLOWLIST;
+            }
+            if current.get(key) != Some(&fe) {
+                self.dp.set_frontend(*key, fe)?;
+            }
+            for (net, bits) in have.difference(&want) {
+                self.dp.allow_remove(id, *net, *bits)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every desired backend an id and a kernel slot, clears the slots of backends no
+    /// frontend names any more, and keeps one health checker per backend.
+    fn converge_backends(&mut self, desired: &[FrontendConfig], health: Health) -> Result<()> {
+        let wanted: HashSet<SocketAddrV4> = desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect();
+        let gone: Vec<SocketAddrV4> = self.backends.keys().filter(|a| !wanted.contains(a)).copied().collect();
+        for addr in gone {
+            if let Some(e) = self.backends.remove(&addr) {
+                self.dp.set_backend(e.id, Backend::default())?;
+            }
+        }
+        let mut used: HashSet<u32> = self.backends.values().map(|e| e.id).collect();
+        let mut sorted: Vec<SocketAddrV4> = wanted.into_iter().collect();
+        sorted.sort();
+        for addr in sorted {
+            if !self.backends.contains_key(&addr) {
+                let id = allocate(&mut self.next_backend_id, MAX_BACKENDS, &used, "backend")?;
+                used.insert(id);
+                self.dp.reset_backend_stats(id)?;
+                self.backends.insert(
+                    addr,
+                    BackendEntry { id, health: health::State::default(), drain_deadline: None, drain_done: false, checker: None },
+                );
+            }
+            let tx = self.health_tx.clone();
+            let e = self.backends.get_mut(&addr).expect("inserted above");
+            let mut flags = Backend::PRESENT;
+            if e.drain_deadline.is_some() {
+                flags |= Backend::DRAINING;
+            }
+            let value = Backend { addr: kpf_common::wire::addr(*addr.ip()), port: kpf_common::wire::port(addr.port()), flags };
+            let id = e.id;
+            if health.check == CheckKind::None {
+                if let Some(c) = e.checker.take() {
+                    c.abort();
+                }
+                e.health = health::State::default();
+            } else if e.checker.is_none() {
+                e.checker = Some(health::spawn(addr, health, tx));
+            }
+            self.dp.set_backend(id, value)?;
+        }
+        Ok(())
+    }
+
+    /// Restarts every checker, e.g. after `[health]` changed.
+    pub(crate) fn restart_checkers(&mut self) {
+        for e in self.backends.values_mut() {
+            if let Some(c) = e.checker.take() {
+                c.abort();
+            }
+        }
+    }
+
+    /// The kernel value for frontend `f`: its one backend, or a freshly built Maglev table of
+    /// the backends it may pick now.
+    fn frontend_value(&mut self, key: &FrontendKey, f: &FrontendConfig, id: u32, old: Option<&Frontend>) -> Result<Frontend> {
+        let entry = |a: &SocketAddrV4| self.backends.get(a).expect("converge_backends registered every backend");
+        let mut fe = Frontend { id, ..Frontend::default() };
+        let any_healthy = f.backends.iter().any(|b| b.weight > 0 && entry(&b.addr.0).health.healthy);
+        if !any_healthy && f.when_all_unhealthy == WhenAllUnhealthy::Reject {
+            fe.flags |= Frontend::REJECT;
+        }
+        if f.backends.len() == 1 {
+            fe.target = entry(&f.backends[0].addr.0).id;
+            return Ok(fe);
+        }
+        let open = |healthy_only: bool| -> Vec<Candidate> {
+            f.backends
+                .iter()
+                .filter(|b| {
+                    let e = entry(&b.addr.0);
+                    e.drain_deadline.is_none() && (!healthy_only || e.health.healthy)
+                })
+                .map(|b| Candidate { addr: b.addr.0, id: entry(&b.addr.0).id, weight: b.weight })
+                .collect()
+        };
+        // Fail open: with no healthy backend, every backend not being drained stays eligible.
+        let mut table = maglev::build(&open(true));
+        if table.is_empty() {
+            table = maglev::build(&open(false));
+        }
+        if table.is_empty() {
+            // Every backend is draining (or has weight 0): nothing may take new connections.
+            fe.flags |= Frontend::REJECT;
+        }
+        let pool = match self.pools.get(key) {
+            Some(p) => *p,
+            None => {
+                let used: HashSet<u32> = self.pools.values().copied().collect();
+                let p = allocate(&mut self.next_pool, MAX_TABLES / 2, &used, "frontend with several backends")?;
+                self.pools.insert(*key, p);
+                p
+            }
+        };
+        fe.flags |= Frontend::POOL;
+        let live = old.filter(|o| o.flags & Frontend::POOL != 0 && o.target / 2 == pool).map(|o| o.target);
+        if table.is_empty() {
+            fe.target = live.unwrap_or(pool * 2);
+            return Ok(fe);
+        }
+        if let Some(t) = live
+            && self.tables.get(&t) == Some(&table)
+        {
+            fe.target = t;
+            return Ok(fe);
+        }
+        // Fill the table the kernel is not reading, then switch the frontend to it in one update.
+        let spare = match live {
+            Some(t) => t ^ 1,
+            None => pool * 2,
+        };
+        self.dp.write_table(spare, &table)?;
+        self.tables.insert(spare, table);
+        fe.target = spare;
+        Ok(fe)
+    }
+
+    /// Ends every connection whose entry matches: both conntrack entries go, then an RST goes to
+    /// each side of a connection that was still open. Returns how many connections were ended.
+    pub(crate) fn reset_where(&mut self, matches: impl Fn(&kpf_common::Flow) -> bool) -> Result<usize> {
+        let all: HashMap<FlowKey, kpf_common::Flow> = self.dp.flows()?.into_iter().collect();
+        let sender = reset::Sender::new()?;
+        let mut ended = 0;
+        for (key, f) in &all {
+            if f.direction != Direction::Original as u8 || !matches(f) {
+                continue;
+            }
+            let reply_key = FlowKey::reply_of(&f.nat);
+            let reply = all.get(&reply_key);
+            self.dp.remove_flow(key)?;
+            self.dp.remove_flow(&reply_key)?;
+            ended += 1;
+            let open = tcp::State::from_u8(f.state).is_some_and(|s| !s.reusable());
+            if let (true, Some(r)) = (open, reply) {
+                // Toward the client the backend's next sequence number; toward the backend, the
+                // client's.
+                for (toward, seq) in [(r, r.next_seq), (f, f.next_seq)] {
+                    if let Err(e) = sender.reset(toward, seq) {
+                        log::warn!("RST for {}: {e}", loader::endpoint(key.src_addr, key.src_port));
+                    }
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Resets the connections of backends whose drain deadline has passed.
+    pub(crate) fn expire_drains(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(SocketAddrV4, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, e)| !e.drain_done && e.drain_deadline.is_some_and(|d| d <= now))
+            .map(|(a, e)| (*a, e.id))
+            .collect();
+        for (addr, id) in due {
+            match self.reset_where(|f| f.backend_id == id) {
+                Ok(n) => log::info!("drain of {addr} timed out: reset {n} remaining connection(s)"),
+                Err(e) => log::error!("drain of {addr}: resetting its connections failed: {e}"),
+            }
+            if let Some(e) = self.backends.get_mut(&addr) {
+                e.drain_done = true;
+            }
+        }
+    }
+
+    /// Health verdicts as seen now, for status.
+    pub(crate) fn backend_health(&self) -> BTreeMap<SocketAddrV4, (u32, bool, bool, Option<String>)> {
+        self.backends
+            .iter()
+            .map(|(a, e)| (*a, (e.id, e.health.healthy, e.drain_deadline.is_some(), e.health.last_error.clone())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_skips_used_and_recent_ids() {
+        let mut cursor = 0;
+        let used: HashSet<u32> = [0, 1, 3].into();
+        assert_eq!(allocate(&mut cursor, 5, &used, "x").unwrap(), 2);
+        assert_eq!(allocate(&mut cursor, 5, &used, "x").unwrap(), 4, "does not go back to 2 at once");
+        let full: HashSet<u32> = (0..5).collect();
+        assert!(allocate(&mut cursor, 5, &full, "x").unwrap_err().to_string().contains("at most 5"));
+    }
+}
