@@ -506,7 +506,9 @@ impl Config {
         let src = Source { name, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e.span().map_or_else(|| name.to_owned(), |s| src.at(s));
-            Error::Config { at, message: e.message().trim_end().to_owned() }
+            // One line: the toml crate's messages may span several.
+            let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+            Error::Config { at, message }
         })?;
         Config::validate(raw, &src)
     }
@@ -792,6 +794,7 @@ when_all_unhealthy = "reject"
     fn errors_name_the_line_and_the_field() {
         let cases: &[(&str, &str, &str)] = &[
             ("interface = \"eth0\"\nbogus = 1\n", "kpf.toml:2:1", "unknown field `bogus`"),
+            ("interface = \"eth0\"\n[[frontend]\n", "kpf.toml:2:11", "invalid table header; expected"),
             ("interface = \"eth0\"\nmode = \"fast\"\n", "kpf.toml:2:8", "unknown variant `fast`"),
             ("interface = \"eth0\"\n[[frontend]]\nport = 9093\nbackends = [\"10.64.0.x:39092\"]\n", "kpf.toml:4:12", "is not an IPv4 address"),
             ("interface = \"eth0\"\n[[frontend]]\nport = 0\nbackends = [\"10.64.0.2:39092\"]\n", "kpf.toml:3:8", "port 0"),
@@ -830,7 +833,7 @@ when_all_unhealthy = "reject"
         let mut wrong = Vec::new();
         for (text, at, what) in cases {
             let e = err(text);
-            if !e.starts_with(&format!("{at}:")) && e != *at && !e.starts_with(&format!("{at}: ")) || !e.contains(what) {
+            if !e.starts_with(&format!("{at}:")) && e != *at && !e.starts_with(&format!("{at}: ")) || !e.contains(what) || e.contains('\n') {
                 wrong.push(format!("{text:?}\n  want {at} ... {what:?}\n  got  {e}"));
             }
         }

@@ -66,11 +66,22 @@ impl Daemon {
                 checker: None,
             });
         }
+        let mut max_frontend = None;
         for (key, fe) in self.dp.frontends()? {
             if fe.flags & Frontend::POOL != 0 {
                 self.pools.insert(key, fe.target / 2);
             }
+            max_frontend = max_frontend.max(Some(fe.id));
         }
+        // Connections of removed frontends and backends may still be draining under their old
+        // ids; new ids start past every id still in use so the two never mix (stats, --reset).
+        let mut max_backend = self.backends.values().map(|e| e.id).max();
+        for (_, f) in self.dp.flows()? {
+            max_frontend = max_frontend.max(Some(f.frontend_id));
+            max_backend = max_backend.max(Some(f.backend_id));
+        }
+        self.next_frontend_id = max_frontend.map_or(0, |m| (m + 1) % MAX_FRONTENDS);
+        self.next_backend_id = max_backend.map_or(0, |m| (m + 1) % MAX_BACKENDS);
         Ok(())
     }
 

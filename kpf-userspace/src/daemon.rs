@@ -271,8 +271,12 @@ impl Daemon {
         for c in &plan.changes {
             log::info!("applied: {c}");
         }
-        self.refresh_next_hops(false);
-        self.await_next_hops(NEIGH_CHANGE_WAIT);
+        // Only backends this change introduced need their next hop resolved now; the periodic
+        // refresh covers the rest.
+        let fresh: Vec<Ipv4Addr> = self.backend_ips().into_iter().filter(|b| !self.next_hops.contains_key(b)).collect();
+        if !fresh.is_empty() {
+            self.resolve(&fresh, NEIGH_CHANGE_WAIT);
+        }
         Ok(plan)
     }
 
@@ -327,10 +331,36 @@ impl Daemon {
         }
     }
 
+    /// Asks the kernel to resolve `backends`' next hops and waits (up to `limit`) until it has.
+    fn resolve(&mut self, backends: &[Ipv4Addr], limit: Duration) {
+        for (b, state) in neigh::snapshot(backends) {
+            match state {
+                Ok(s) => {
+                    if (!s.resolved() || !s.managed_or_static())
+                        && let Err(e) = neigh::keep_resolved(&s.route)
+                    {
+                        log::warn!("backend {b}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
+                    }
+                    self.next_hops.insert(b, Some((s.route, s.mac)));
+                }
+                Err(e) => {
+                    log::warn!("backend {b}: {e}");
+                    self.next_hops.insert(b, None);
+                }
+            }
+        }
+        self.wait_resolved(backends, limit);
+    }
+
     fn await_next_hops(&mut self, limit: Duration) {
+        let all = self.backend_ips();
+        self.wait_resolved(&all, limit);
+    }
+
+    fn wait_resolved(&self, backends: &[Ipv4Addr], limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let pending: Vec<Ipv4Addr> = neigh::snapshot(&self.backend_ips())
+            let pending: Vec<Ipv4Addr> = neigh::snapshot(backends)
                 .into_iter()
                 .filter(|(_, s)| !s.as_ref().is_ok_and(neigh::NextHopState::resolved))
                 .map(|(b, _)| b)
