@@ -53,11 +53,11 @@ pub enum Request {
         #[serde(default)]
         port: Option<u16>,
     },
-    /// Take a backend out of selection; reset what is left after `timeout_s` (default 300).
+    /// Take a backend out of selection; reset what is left after `timeout_ms` (default 300 s).
     BackendDrain {
         backend: String,
         #[serde(default)]
-        timeout_s: Option<u64>,
+        timeout_ms: Option<u64>,
     },
     BackendUndrain {
         backend: String,

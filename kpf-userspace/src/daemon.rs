@@ -492,9 +492,9 @@ impl Daemon {
                 let desired = self.validated(Config::load(&path)?)?;
                 json(&self.change(desired, &HashSet::new())?)
             }
-            Request::BackendDrain { backend, timeout_s } => {
+            Request::BackendDrain { backend, timeout_ms } => {
                 let addr = self.known_backend(&backend)?;
-                let timeout = timeout_s.map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_secs);
+                let timeout = timeout_ms.map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_millis);
                 let e = self.backends.get_mut(&addr).expect("known_backend checked");
                 e.drain_deadline = Some(Instant::now() + timeout);
                 e.drain_done = false;
@@ -570,7 +570,8 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
 
     let mut gc_tick = tokio::time::interval(GC_INTERVAL);
     let mut neigh_tick = tokio::time::interval(NEIGH_INTERVAL);
-    let mut drain_tick = tokio::time::interval(Duration::from_secs(1));
+    // Drain deadlines are honoured to within this.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(200));
     let mut down = false;
     loop {
         tokio::select! {

@@ -250,6 +250,27 @@ impl Kpf {
         &self.socket
     }
 
+    /// Runs `kpf ARGS --socket SOCKET` (this instance's control socket) and returns its stdout.
+    /// Fails with its exit status, stdout and stderr if it does not exit 0.
+    pub fn cli(&self, args: &[&str]) -> io::Result<String> {
+        let out = std::process::Command::new(&self.binary)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "kpf {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// kpf's log so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()

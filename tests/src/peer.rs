@@ -416,6 +416,162 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Connects from `src` (a local address, and a port unless it is 0) to `addr` within
+    /// `timeout`. See [`connect_from`].
+    pub fn connect_from(src: SocketAddrV4, addr: SocketAddrV4, timeout: Duration) -> io::Result<Session> {
+        Session::from_stream(connect_from(src, addr, timeout)?)
+    }
+
+    fn from_stream(s: TcpStream) -> io::Result<Session> {
+        timeouts(&s)?;
+        Ok(Session { writer: s.try_clone()?, reader: BufReader::with_capacity(CHUNK, s) })
+    }
+
+    /// Sends the `ECHO` request and keeps the connection open, for [`Session::echo_round`]
+    /// (call after [`Session::identity`]).
+    pub fn start_echo(&mut self) -> io::Result<()> {
+        self.writer.write_all(b"ECHO\n")
+    }
+
+    /// On a connection in ECHO mode: sends `payload` and reads exactly as many bytes back,
+    /// which must be `payload`. The connection stays open.
+    pub fn echo_round(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.writer.write_all(payload)?;
+        let mut back = vec![0u8; payload.len()];
+        self.reader.read_exact(&mut back)?;
+        if back != payload {
+            return Err(io::Error::other(format!("echo differs from the {} bytes sent", payload.len())));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `wait` for something from the peer without sending anything: `Ok(None)` if
+    /// nothing came, `Ok(Some(bytes))` with what arrived (empty: the peer closed), or the error
+    /// the socket reports (e.g. `ConnectionReset` after an RST).
+    pub fn read_some(&mut self, wait: Duration) -> io::Result<Option<Vec<u8>>> {
+        let previous = self.writer.read_timeout()?;
+        self.writer.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let mut buf = vec![0u8; CHUNK];
+        let got = self.reader.read(&mut buf);
+        self.writer.set_read_timeout(previous)?;
+        match got {
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends a connection in ECHO mode cleanly: half-closes, and expects the backend to close
+    /// with nothing more to say.
+    pub fn finish_echo(mut self) -> io::Result<()> {
+        self.writer.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        if !rest.is_empty() {
+            return Err(io::Error::other(format!("{} unexpected bytes before the backend closed", rest.len())));
+        }
+        Ok(())
+    }
+}
+
+/// A TCP connection from `src` to `dst`, made within `timeout`, in the calling thread's
+/// namespace. `src` is bound first (with `SO_REUSEADDR`), so the connection leaves from that
+/// address and, unless `src.port()` is 0, that port. A connect that gets no answer fails with
+/// [`io::ErrorKind::TimedOut`].
+pub fn connect_from(src: SocketAddrV4, dst: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let sockaddr = |a: SocketAddrV4| {
+        // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = a.port().to_be();
+        sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+        sa
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let what = |w: &str, e: io::Error| io::Error::new(e.kind(), format!("{w} ({src} -> {dst}): {e}"));
+    // SAFETY: socket has no preconditions; the fd is owned by `fd` from here on.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if raw < 0 {
+        return Err(what("socket", io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd, option value and length.
+    let rc = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(what("SO_REUSEADDR", io::Error::last_os_error()));
+    }
+    let (s, d) = (sockaddr(src), sockaddr(dst));
+    // SAFETY: valid fd and address.
+    if unsafe { libc::bind(raw, (&s as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(what("bind", io::Error::last_os_error()));
+    }
+    // SAFETY: valid fd and address.
+    if unsafe { libc::connect(raw, (&d as *const libc::sockaddr_in).cast(), len) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(what("connect", e));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect ({src} -> {dst}): no answer within {timeout:?}"),
+                ));
+            }
+            let mut pfd = libc::pollfd { fd: raw, events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(what("poll", e));
+            }
+            if n > 0 {
+                break;
+            }
+        }
+        let mut err: libc::c_int = 0;
+        let mut elen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, buffer and length.
+        let rc = unsafe {
+            libc::getsockopt(raw, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut elen)
+        };
+        if rc != 0 {
+            return Err(what("SO_ERROR", io::Error::last_os_error()));
+        }
+        if err != 0 {
+            return Err(what("connect", io::Error::from_raw_os_error(err)));
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// [`who`] from `src` (see [`connect_from`]).
+pub fn who_from(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
+    let mut s = Session::connect_from(src, dst, CONNECT_TIMEOUT)?;
+    let id = s.identity()?;
+    s.echo(&[])?;
+    Ok(id)
+}
+
 /// Connects, reads the identity line, does an empty ECHO and closes. Returns the identity.
 pub fn who(addr: SocketAddr) -> io::Result<String> {
     let mut s = Session::connect(addr)?;

@@ -28,7 +28,7 @@ pub enum Command {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     let (socket, req) = match cmd {
         Command::Drain { backend, timeout, socket } => {
-            (socket, Request::BackendDrain { backend, timeout_s: timeout.map(|t| t.as_secs().max(1)) })
+            (socket, Request::BackendDrain { backend, timeout_ms: timeout.map(|t| t.as_millis().clamp(1, u64::MAX as u128) as u64) })
         }
         Command::Undrain { backend, socket } => (socket, Request::BackendUndrain { backend }),
     };
