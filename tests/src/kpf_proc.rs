@@ -1,5 +1,11 @@
 //! Running the `kpf` binary in a gateway namespace: `kpf run` in the foreground, ready once it
-//! prints `ready`, stopped with SIGTERM. Its stderr (the log) is kept for the caller.
+//! prints `ready`, stopped with `kpf down` (or SIGTERM, or SIGKILL to play a crash). Its stderr
+//! (the log) is kept for the caller.
+//!
+//! [`Kpf::start`] makes a throwaway config, socket and pin directory; [`Kpf::launch`] runs on a
+//! config file the caller owns, so kpf can be restarted (or replaced by another binary) on the
+//! same config and pinned state (with a pin directory on a bpffs the caller mounted, see
+//! [`crate::bpffs`]).
 
 use std::{
     collections::BTreeMap,
@@ -93,10 +99,42 @@ pub struct Kpf {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
-    /// Holds the config, the control socket and the pin directory of this instance.
-    dir: PathBuf,
+    /// Holds the config, the control socket and the pin directory of this instance, when this
+    /// handle made them (removed when kpf stops); `None` when the caller owns them
+    /// ([`Kpf::launch`]).
+    dir: Option<PathBuf>,
     config_path: PathBuf,
     socket: PathBuf,
+}
+
+/// How [`Kpf::launch`] runs kpf on a config file the caller owns.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The kpf binary to run (e.g. [`kpf_binary`], or a copy of it to play an upgrade).
+    pub binary: PathBuf,
+    /// The config file: `kpf run --config FILE`. kpf writes accepted changes back to it.
+    pub config_path: PathBuf,
+    /// The control socket the config names (kept for [`Kpf::socket`]).
+    pub socket: PathBuf,
+    /// `--mode`, if any (else the config's `mode`).
+    pub mode: Option<Mode>,
+    pub ready_timeout: Duration,
+    /// `RUST_LOG` for kpf (`None`: inherited).
+    pub rust_log: Option<String>,
+}
+
+impl Launch {
+    /// `binary` on `config_path` with `socket`, the config's mode, [`READY_TIMEOUT`], `RUST_LOG=info`.
+    pub fn new(binary: &Path, config_path: &Path, socket: &Path) -> Launch {
+        Launch {
+            binary: binary.to_owned(),
+            config_path: config_path.to_owned(),
+            socket: socket.to_owned(),
+            mode: None,
+            ready_timeout: READY_TIMEOUT,
+            rust_log: Some("info".into()),
+        }
+    }
 }
 
 /// How kpf ended.
@@ -166,9 +204,41 @@ impl Kpf {
         };
         text += config_text;
         std::fs::write(&config_path, &text)?;
+        let launch = Launch {
+            binary: binary.to_owned(),
+            config_path,
+            socket,
+            mode: Some(mode),
+            ready_timeout,
+            rust_log: None,
+        };
+        Kpf::spawn(gateway, launch, Some(dir))
+    }
 
+    /// Runs `kpf run --config FILE` in `gateway` on a config file (and pin directory, and
+    /// socket) the caller owns, returning once kpf printed `ready`: the way to restart kpf on the
+    /// same config and pinned state, or to start another binary on it. Nothing is removed when
+    /// it stops. As with [`Kpf::start`], keep the handle on the thread that called this.
+    pub fn launch(gateway: &Netns, launch: Launch) -> io::Result<Kpf> {
+        Kpf::spawn(gateway, launch, None)
+    }
+
+    fn spawn(gateway: &Netns, launch: Launch, dir: Option<PathBuf>) -> io::Result<Kpf> {
+        let Launch { binary, config_path, socket, mode, ready_timeout, rust_log } = launch;
+        let binary = binary.as_path();
+        let remove_dir = || {
+            if let Some(d) = &dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        };
         let mut cmd = gateway.command(binary.to_str().ok_or_else(|| io::Error::other("non-UTF-8 kpf path"))?);
-        cmd.arg("run").arg("--config").arg(&config_path).args(["--mode", mode.as_str()]);
+        cmd.arg("run").arg("--config").arg(&config_path);
+        if let Some(mode) = mode {
+            cmd.args(["--mode", mode.as_str()]);
+        }
+        if let Some(level) = rust_log {
+            cmd.env("RUST_LOG", level);
+        }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
@@ -182,7 +252,7 @@ impl Kpf {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_dir();
                 return Err(io::Error::new(e.kind(), format!("starting {}: {e}", binary.display())));
             }
         };
@@ -276,6 +346,32 @@ impl Kpf {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The binary this kpf runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to kpf.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        let pid = self.pid().ok_or_else(|| io::Error::other("kpf has stopped"))?;
+        // SAFETY: signalling our own child, which has not been reaped (we hold it).
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether kpf has exited (without reaping it).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().is_ok_and(|s| s.is_some()))
+    }
+
+    /// Kills kpf with SIGKILL, the way a crash ends it: no `kpf down`, no clean-up of its own,
+    /// the pinned dataplane stays. Returns once it has exited.
+    pub fn kill9(mut self) -> Stopped {
+        self.finish(Signal::Kill)
+    }
+
     /// Asks kpf to detach and exit with `kpf down` (its control socket), falling back to
     /// SIGTERM if that fails, and to SIGKILL after [`STOP_TIMEOUT`]. Returns how it ended, with
     /// its complete log: kpf logs its counters when it stops (see [`counters`] and
@@ -284,8 +380,9 @@ impl Kpf {
         self.finish(Signal::Down)
     }
 
-    /// Stops kpf with SIGTERM alone: the daemon exits and leaves its pinned dataplane behind,
-    /// which here lives only as long as kpf's private mount namespace, i.e. until it exits.
+    /// Stops kpf with SIGTERM alone: the daemon exits and leaves its pinned dataplane behind.
+    /// With [`Kpf::start`]'s pin directory that lives only as long as kpf's private mount
+    /// namespace, i.e. until it exits; on a bpffs the caller mounted it stays attached.
     pub fn terminate(mut self) -> Stopped {
         self.finish(Signal::Term)
     }
@@ -299,7 +396,10 @@ impl Kpf {
         let status = match child.try_wait() {
             Ok(Some(s)) => s,
             _ => {
-                let mut sigterm = true;
+                let mut sigterm = how != Signal::Kill;
+                if how == Signal::Kill {
+                    let _ = child.kill();
+                }
                 if how == Signal::Down {
                     let out = std::process::Command::new(&self.binary)
                         .arg("down")
@@ -342,7 +442,9 @@ impl Kpf {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
         Stopped { status, log: self.log(), down_failed, killed }
     }
 }
@@ -351,6 +453,7 @@ impl Kpf {
 enum Signal {
     Down,
     Term,
+    Kill,
 }
 
 impl Drop for Kpf {

@@ -5,8 +5,12 @@
 //! Nothing here touches the root namespace's interfaces, routes or sysctls: every link is
 //! created directly inside namespaces this process made, and dies with them.
 
+pub mod bpffs;
+pub mod byte_echo;
+pub mod cli;
 pub mod kpf_proc;
 pub mod netns;
 pub mod peer;
+pub mod streams;
 pub mod topology;
 pub mod xdp;

@@ -572,6 +572,87 @@ pub fn who_from(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<String> {
     Ok(id)
 }
 
+/// A long-lived `ECHO` connection: any number of [`EchoLoop::round`]s, each sending a payload
+/// and checking that exactly it comes back, then [`EchoLoop::finish`] for a clean close.
+pub struct EchoLoop {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    identity: String,
+    local: SocketAddr,
+}
+
+impl EchoLoop {
+    /// Connects to `addr`, reads the backend's identity line and sends `ECHO`.
+    pub fn connect(addr: SocketAddr) -> io::Result<EchoLoop> {
+        let mut s = Session::connect(addr)?;
+        let local = s.local_addr()?;
+        let identity = s.identity()?;
+        s.writer.write_all(b"ECHO\n")?;
+        Ok(EchoLoop { reader: s.reader, writer: s.writer, identity, local })
+    }
+
+    /// The identity line the backend sent when the connection opened.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// This end's address (the client address kpf sees).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A handle on the socket, e.g. to shut it down from another thread.
+    pub fn socket(&self) -> io::Result<TcpStream> {
+        self.writer.try_clone()
+    }
+
+    /// Changes how long one read or write may block (default [`IO_TIMEOUT`]).
+    pub fn set_timeout(&self, t: Duration) -> io::Result<()> {
+        self.writer.set_read_timeout(Some(t))?;
+        self.writer.set_write_timeout(Some(t))
+    }
+
+    /// Sends `payload` and reads exactly as many bytes back, failing unless they are the same.
+    /// Keep payloads within the socket buffers (a few tens of KiB): the write completes before
+    /// the read starts.
+    pub fn round(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.writer.write_all(payload)?;
+        let mut back = vec![0u8; payload.len()];
+        let mut got = 0;
+        while got < back.len() {
+            match self.reader.read(&mut back[got..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the echo ended after {got} of {} bytes", payload.len()),
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("reading the echo after {got} of {} bytes: {e}", payload.len())));
+                }
+            }
+        }
+        if back != payload {
+            let at = back.iter().zip(payload).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(io::Error::other(format!("echo of {} bytes differs at offset {at}", payload.len())));
+        }
+        Ok(())
+    }
+
+    /// Half-closes and expects the backend to close too, with nothing more to read.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.writer.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        if !rest.is_empty() {
+            return Err(io::Error::other(format!("{} unexpected bytes before the backend closed", rest.len())));
+        }
+        Ok(())
+    }
+}
+
 /// Connects, reads the identity line, does an empty ECHO and closes. Returns the identity.
 pub fn who(addr: SocketAddr) -> io::Result<String> {
     let mut s = Session::connect(addr)?;
