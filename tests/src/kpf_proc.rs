@@ -79,12 +79,13 @@ pub fn kpf_binary() -> io::Result<PathBuf> {
     ))
 }
 
-/// A config for `kpf run`: `interfaces`, SNAT ports 40000-59999, `manage_sysctls = true`, and one
-/// frontend per `(frontend, backend)` pair.
+/// A config for `kpf run`: `interfaces`, SNAT ports 40000-59999, `manage_sysctls = true`, no
+/// health checks (the test backends log every connection that sends no request, as a probe does),
+/// and one frontend per `(frontend, backend)` pair.
 pub fn config_toml(interfaces: &[&str], mode: Mode, frontends: &[(SocketAddrV4, SocketAddrV4)]) -> String {
     let ifaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
     let mut s = format!(
-        "interfaces = [{}]\nmode = \"{mode}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n",
+        "interfaces = [{}]\nmode = \"{mode}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\n[health]\ncheck = \"none\"\n",
         ifaces.join(", ")
     );
     for (fe, be) in frontends {

@@ -258,6 +258,12 @@ impl Backend {
     pub fn problems(&self) -> Vec<String> {
         self.shared.problems.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Returns the problems recorded so far and forgets them (for a test that caused some on
+    /// purpose, e.g. a reset).
+    pub fn take_problems(&self) -> Vec<String> {
+        std::mem::take(&mut *self.shared.problems.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, identity: &str) {

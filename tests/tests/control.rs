@@ -110,7 +110,9 @@ fn backend(topo: &OneNic, i: usize) -> SocketAddrV4 {
 fn config_text(pin_dir: &Path, socket: &Path, mapping: &Mapping) -> String {
     let mut s = format!(
         "interface = \"eth0\"\nmode = \"native\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\
-         pin_dir = {:?}\nsocket = {:?}\n",
+         pin_dir = {:?}\nsocket = {:?}\n\n\
+         # The backends are traffic peers that log every odd connection: no health-check probes.\n\
+         [health]\ncheck = \"none\"\n",
         pin_dir.display().to_string(),
         socket.display().to_string()
     );
@@ -775,6 +777,7 @@ fn restart_keeps_draining_connections_apart() {
     s.cli.ok(&["map", "rm", "9096", "--reset"]).expect("kpf map rm 9096 --reset");
     fresh.set_timeout(Duration::from_secs(5)).unwrap();
     assert!(fresh.round(b"after reset").is_err(), "the reset connection to 9096 must fail");
+    expect_backend_reset(&s.backends[0]);
     draining.set_timeout(Duration::from_secs(5)).unwrap();
     if let Err(e) = draining.round(b"after the other frontend's reset") {
         wrong.push(format!(
@@ -786,6 +789,21 @@ fn restart_keeps_draining_connections_apart() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     s.finish();
     eprintln!("  total: {:.2?}", total.elapsed());
+}
+
+/// `--reset` sends an RST toward the backend too: its server sees exactly one connection reset
+/// (from the gateway's address), and nothing else goes wrong.
+fn expect_backend_reset(b: &Backend) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while b.problems().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let p = b.take_problems();
+    assert!(
+        p.len() == 1 && p[0].contains("from 10.100.0.1:") && p[0].contains("reset"),
+        "{}: expected exactly the one reset connection, got {p:?}",
+        b.identity()
+    );
 }
 
 /// `rm` drains: the existing connection keeps working, new ones are refused. `rm --reset` ends
@@ -838,6 +856,7 @@ fn rm_drains_and_reset_resets() {
     assert!(took < Duration::from_secs(3), "the reset took {took:?}");
     eprintln!("  rm --reset: next echo failed after {took:.2?} with {:?}", err.kind());
     drop(conn);
+    expect_backend_reset(&s.backends[2]);
 
     // No drops; the packets that reached the gateway's kernel without a connection are the
     // refused SYN and the segment after the reset.
