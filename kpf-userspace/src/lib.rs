@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod gc;
 pub mod health;
+pub mod kafka;
 pub mod loader;
 pub mod maglev;
 pub mod metrics;

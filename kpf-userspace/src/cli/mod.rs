@@ -6,6 +6,7 @@ pub mod backend;
 pub mod check;
 pub mod down;
 pub mod flows;
+pub mod kafka;
 pub mod map;
 pub mod metrics;
 pub mod run;
@@ -42,6 +43,9 @@ pub enum Command {
     Status(status::Args),
     /// Live connections: client, frontend, backend, state, age, bytes.
     Flows(flows::Args),
+    /// Kafka-aware planning and verification.
+    #[command(subcommand)]
+    Kafka(kafka::Command),
     /// Detach the program and remove all pinned state (drops tracked connections).
     Down(down::Args),
 }

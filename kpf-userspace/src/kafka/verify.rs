@@ -1,0 +1,203 @@
+//! `kpf kafka verify`: connects through the gateway as the cloud client would and proves, for
+//! every broker, that its advertised port reaches *that* broker.
+//!
+//! The proof: a verification topic with one single-replica partition per broker (Kafka and the
+//! test broker both place N such partitions one per broker). A ListOffsets request for all of its
+//! partitions, sent through a broker's advertised port, is answered without error only for the
+//! partition that broker holds (others get NOT_LEADER_OR_FOLLOWER or UNKNOWN_TOPIC_OR_PARTITION),
+//! so the answer names the broker that was reached. Nothing is written; the topic is deleted
+//! afterwards unless kept.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use kafka_protocol::{
+    messages::{
+        ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+        ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, TopicName,
+        create_topics_request::CreatableTopic,
+        list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic},
+        metadata_request::MetadataRequestTopic,
+    },
+    protocol::StrBytes,
+};
+use serde::Serialize;
+
+use super::client::Conn;
+
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+const TOPIC_ALREADY_EXISTS: i16 = 36;
+
+pub struct Options {
+    /// The address the cloud client connects to (the endpoint, or the gateway).
+    pub connect: IpAddr,
+    pub bootstrap_port: u16,
+    pub topic: String,
+    pub keep_topic: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub port: u16,
+    pub advertised: String,
+    pub expected: i32,
+    pub reached: Option<i32>,
+    pub rtt_ms: Option<f64>,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub cluster_id: Option<String>,
+    pub bootstrap: String,
+    pub rows: Vec<Row>,
+    pub ok: bool,
+}
+
+fn topic_name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_owned()))
+}
+
+fn metadata(c: &mut Conn, topic: &str) -> Result<MetadataResponse, String> {
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(topic_name(topic)))]))
+        .with_allow_auto_topic_creation(false);
+    Ok(c.call::<_, MetadataResponse>(ApiKey::Metadata, &req)?.0)
+}
+
+/// partition -> the broker holding it, once every partition has a leader.
+fn layout(m: &MetadataResponse, topic: &str) -> Result<Option<BTreeMap<i32, i32>>, String> {
+    let Some(t) = m.topics.iter().find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic)) else {
+        return Ok(None);
+    };
+    match t.error_code {
+        0 => {}
+        UNKNOWN_TOPIC_OR_PARTITION => return Ok(None),
+        e => return Err(format!("topic {topic}: error code {e}")),
+    }
+    if t.partitions.is_empty() || t.partitions.iter().any(|p| p.leader_id.0 < 0) {
+        return Ok(None);
+    }
+    Ok(Some(t.partitions.iter().map(|p| (p.partition_index, p.leader_id.0)).collect()))
+}
+
+pub fn verify(o: &Options) -> Result<Report, String> {
+    let boot_addr = SocketAddr::new(o.connect, o.bootstrap_port);
+    let mut boot = Conn::connect(boot_addr, o.timeout).map_err(|e| format!("bootstrap {boot_addr}: {e}"))?;
+    let m = metadata(&mut boot, &o.topic)?;
+    let mut brokers: Vec<(i32, String, u16)> =
+        m.brokers.iter().map(|b| (b.node_id.0, b.host.as_str().to_owned(), b.port as u16)).collect();
+    brokers.sort();
+    if brokers.is_empty() {
+        return Err("the bootstrap answered with no brokers".into());
+    }
+
+    let mut created = false;
+    let mut owners = layout(&m, &o.topic)?;
+    if owners.is_none() {
+        let topic = CreatableTopic::default()
+            .with_name(topic_name(&o.topic))
+            .with_num_partitions(brokers.len() as i32)
+            .with_replication_factor(1);
+        let req = CreateTopicsRequest::default().with_topics(vec![topic]).with_timeout_ms(o.timeout.as_millis() as i32);
+        let (r, _) = boot.call::<_, CreateTopicsResponse>(ApiKey::CreateTopics, &req)?;
+        match r.topics.first().map(|t| t.error_code) {
+            Some(0) => created = true,
+            Some(TOPIC_ALREADY_EXISTS) => {}
+            other => return Err(format!("creating {}: error code {other:?}", o.topic)),
+        }
+        let deadline = Instant::now() + o.timeout.max(Duration::from_secs(15));
+        while owners.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            owners = layout(&metadata(&mut boot, &o.topic)?, &o.topic)?;
+        }
+    }
+    let owners = owners.ok_or_else(|| format!("topic {} has no leader for every partition yet", o.topic))?;
+
+    let mut rows = Vec::new();
+    for (id, host, port) in &brokers {
+        let mut row = Row {
+            port: *port,
+            advertised: format!("{host}:{port}"),
+            expected: *id,
+            reached: None,
+            rtt_ms: None,
+            ok: false,
+            detail: String::new(),
+        };
+        if !owners.values().any(|o| o == id) {
+            row.detail = format!("no partition of {} is on broker {id}; use a fresh --topic", o.topic);
+            rows.push(row);
+            continue;
+        }
+        let addr = SocketAddr::new(o.connect, *port);
+        let answer = Conn::connect(addr, o.timeout).and_then(|mut c| {
+            let parts = owners.keys().map(|p| ListOffsetsPartition::default().with_partition_index(*p).with_timestamp(-1)).collect();
+            let req = ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_topics(vec![ListOffsetsTopic::default().with_name(topic_name(&o.topic)).with_partitions(parts)]);
+            c.call::<_, ListOffsetsResponse>(ApiKey::ListOffsets, &req)
+        });
+        match answer {
+            Err(e) => row.detail = e,
+            Ok((r, rtt)) => {
+                row.rtt_ms = Some((rtt.as_secs_f64() * 1e5).round() / 100.0);
+                let answered: BTreeSet<i32> = r
+                    .topics
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .filter(|p| p.error_code == 0)
+                    .filter_map(|p| owners.get(&p.partition_index).copied())
+                    .collect();
+                match answered.iter().collect::<Vec<_>>().as_slice() {
+                    [one] => {
+                        row.reached = Some(**one);
+                        row.ok = **one == *id;
+                        row.detail = if row.ok { "ok".into() } else { format!("port {port} reaches broker {one}, not {id}") };
+                    }
+                    [] => row.detail = "no partition answered: not a broker of this cluster?".into(),
+                    many => row.detail = format!("answered for brokers {many:?}: partitions are replicated; use a fresh --topic"),
+                }
+            }
+        }
+        rows.push(row);
+    }
+
+    if created && !o.keep_topic {
+        let req = DeleteTopicsRequest::default()
+            .with_topic_names(vec![topic_name(&o.topic)])
+            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(&o.topic)))])
+            .with_timeout_ms(o.timeout.as_millis() as i32);
+        if let Err(e) = boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &req) {
+            log::warn!("could not delete the verification topic {}: {e}", o.topic);
+        }
+    }
+    let ok = rows.iter().all(|r| r.ok);
+    Ok(Report { cluster_id: m.cluster_id.map(|c| c.as_str().to_owned()), bootstrap: boot_addr.to_string(), rows, ok })
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "cluster {} via {}", self.cluster_id.as_deref().unwrap_or("?"), self.bootstrap)?;
+        writeln!(f, "{:<6} {:<56} {:>8} {:>8} {:>9}  RESULT", "PORT", "ADVERTISED", "EXPECTED", "REACHED", "RTT")?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<6} {:<56} {:>8} {:>8} {:>9}  {}{}",
+                r.port,
+                r.advertised,
+                r.expected,
+                r.reached.map_or("-".into(), |n| n.to_string()),
+                r.rtt_ms.map_or("-".into(), |ms| format!("{ms:.2}ms")),
+                if r.ok { "OK" } else { "FAIL" },
+                if r.ok { String::new() } else { format!(" ({})", r.detail) }
+            )?;
+        }
+        write!(f, "{}", if self.ok { "every advertised port reaches its own broker\n" } else { "FAILED\n" })
+    }
+}
