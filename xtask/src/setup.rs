@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "hping3",
     "tcpdump",
     "bpftool",
+    // The Kafka end-to-end test's client (the seeds' produce/consume, in Python).
+    "python3-confluent-kafka",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -32,12 +34,19 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const NIGHTLY: &str = "nightly";
 
 #[derive(Args)]
-pub struct Options {}
+pub struct Options {
+    /// Skip building the Kafka-compatible broker for the Kafka end-to-end test.
+    #[arg(long)]
+    pub no_broker: bool,
+}
 
-pub fn run(_opts: Options) -> Result<()> {
+pub fn run(opts: Options) -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
+    if !opts.no_broker {
+        crate::broker::ensure()?;
+    }
     println!("setup: done");
     Ok(())
 }

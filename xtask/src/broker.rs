@@ -1,0 +1,82 @@
+//! The Kafka-compatible broker the Kafka end-to-end test runs (crabka 0.3.8; Apache Kafka
+//! cannot be downloaded on these machines). Its crates are yanked on crates.io, so only a
+//! lockfile naming them fetches them: `../shared/kafka-broker/` holds that seed. Built once,
+//! cached outside the repository (a cold build takes ~11 minutes), reused after.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{self, workspace_root};
+
+/// Where the binaries are cached: `$KPF_CACHE_DIR/crabka/bin`, default `~/.cache/kpf/crabka/bin`.
+pub fn bin_dir() -> PathBuf {
+    let cache = std::env::var_os("KPF_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+        home.join(".cache/kpf")
+    });
+    cache.join("crabka/bin")
+}
+
+const BINARIES: [&str; 2] = ["crabka-broker", "crabka"];
+
+fn seed_dir() -> PathBuf {
+    workspace_root().join("../shared/kafka-broker")
+}
+
+/// Builds the broker and its CLI into the cache unless they are there already.
+pub fn ensure() -> Result<()> {
+    let bin = bin_dir();
+    if BINARIES.iter().all(|b| bin.join(b).is_file()) {
+        println!("setup: kafka broker: present in {}", bin.display());
+        return Ok(());
+    }
+    let seed = seed_dir();
+    if !seed.join("Cargo.lock").is_file() {
+        bail!(
+            "the Kafka end-to-end test needs crabka, built from the seed in {} (missing); \
+             put shared/ beside the repository",
+            seed.display()
+        );
+    }
+    println!("setup: kafka broker: building crabka 0.3.8 into {} (about 11 minutes, once)", bin.display());
+    let work = bin.parent().expect("bin has a parent").to_owned();
+    let project = work.join("seed");
+    std::fs::create_dir_all(project.join("src"))?;
+    for f in ["Cargo.toml", "Cargo.lock", "src/main.rs"] {
+        std::fs::copy(seed.join(f), project.join(f)).with_context(|| format!("copying the seed's {f}"))?;
+    }
+    // The seed's lockfile is what makes cargo fetch the yanked crates into the registry.
+    util::run(util::cargo().arg("fetch").current_dir(&project))?;
+    let target = work.join("target");
+    for (package, bin_flag) in [("crabka-broker", Some("crabka-broker")), ("crabka-cli", None)] {
+        let src = registry_source(package)?;
+        let mut cmd = util::cargo();
+        cmd.args(["build", "--release", "--locked", "--ignore-rust-version", "--target-dir"]).arg(&target);
+        if let Some(b) = bin_flag {
+            cmd.args(["--bin", b]);
+        }
+        util::run(cmd.current_dir(&src))?;
+    }
+    std::fs::create_dir_all(&bin)?;
+    for b in BINARIES {
+        std::fs::copy(target.join("release").join(b), bin.join(b)).with_context(|| format!("installing {b}"))?;
+    }
+    println!("setup: kafka broker: installed {}", BINARIES.join(", "));
+    Ok(())
+}
+
+/// The unpacked source of `package`-0.3.8 in cargo's registry.
+fn registry_source(package: &str) -> Result<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+    });
+    let src = home.join("registry/src");
+    for index in std::fs::read_dir(&src).with_context(|| format!("reading {}", src.display()))? {
+        let dir = index?.path().join(format!("{package}-0.3.8"));
+        if dir.join("Cargo.lock").is_file() {
+            return Ok(dir);
+        }
+    }
+    bail!("{package}-0.3.8 is not in {} after `cargo fetch`", src.display())
+}
