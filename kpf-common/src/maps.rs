@@ -12,6 +12,7 @@ pub mod names {
     pub const ALLOW: &str = "KPF_ALLOW";
     pub const BACKEND_STATS: &str = "KPF_BACKEND_STATS";
     pub const FLOWS: &str = "KPF_FLOWS";
+    pub const HALF_OPEN: &str = "KPF_HALF_OPEN";
     pub const CONFIG: &str = "KPF_CONFIG";
     pub const IFACES: &str = "KPF_IFACES";
     pub const DEVMAP: &str = "KPF_DEVMAP";
@@ -278,9 +279,11 @@ pub enum Counter {
     DropNoHealthyBackend,
     /// SYN passed to the kernel (which answers RST): the frontend's only backend is draining.
     PassBackendDraining,
+    /// ICMP errors about a forwarded connection, translated and sent to its other side.
+    IcmpTranslated,
 }
 
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -299,6 +302,7 @@ impl Counter {
         Counter::DropNotAllowed,
         Counter::DropNoHealthyBackend,
         Counter::PassBackendDraining,
+        Counter::IcmpTranslated,
     ];
 
     /// Stable snake_case name, used in `kpf status` and metrics.
@@ -319,6 +323,7 @@ impl Counter {
             Counter::DropNotAllowed => "drop_not_allowed",
             Counter::DropNoHealthyBackend => "drop_no_healthy_backend",
             Counter::PassBackendDraining => "pass_backend_draining",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }

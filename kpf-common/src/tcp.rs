@@ -76,6 +76,13 @@ impl State {
         }
     }
 
+    /// The client has completed the handshake (acknowledged the SYN-ACK): from here on the
+    /// connection is established, whatever follows. A spoofed SYN never gets here.
+    #[inline(always)]
+    pub const fn handshake_done(self) -> bool {
+        !matches!(self, State::SynSent | State::SynAcked | State::Reset)
+    }
+
     /// A connection in this state may be replaced by a new SYN on the same 4-tuple (with a new
     /// SNAT binding): it has ended, or it was never set up.
     #[inline(always)]

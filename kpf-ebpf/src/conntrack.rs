@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{LruHashMap, lpm_trie::Key};
 use kpf_common::{
     AllowKey, Backend, Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey, NextHop,
     nat::{self, L4Csum, Nat},
@@ -16,36 +16,46 @@ use kpf_common::{
 
 use crate::{
     forward,
-    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, IFACES, MAGLEV},
-    parse::{self, Packet},
+    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, IFACES, MAGLEV, SCRATCH},
+    parse::{self, Packet, Parsed},
     stats,
 };
 
 pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
-    let pkt = match parse::parse(ctx) {
+    let parsed = match parse::parse(ctx) {
         Ok(p) => p,
         Err(reason) => return Ok(pass(reason)),
     };
     let Some(cfg) = CONFIG.get(0) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    let pkt = match parsed {
+        Parsed::Tcp(p) => p,
+        Parsed::Icmp { l4 } => return Ok(crate::icmp::translate(ctx, l4)),
+    };
     // Coarse (jiffy) time is plenty for idle timeouts and much cheaper than the precise clock.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
-    if let Some(flow) = FLOWS.get_ptr_mut(&pkt.key) {
+    // Established connections first (the common case: one lookup), then handshakes.
+    let (found, table): (_, &'static LruHashMap<FlowKey, Flow>) = match FLOWS.get_ptr_mut(&pkt.key) {
+        Some(f) => (Some(f), &FLOWS),
+        None => (HALF_OPEN.get_ptr_mut(&pkt.key), &HALF_OPEN),
+    };
+    if let Some(flow) = found {
         // SAFETY: a live map value; concurrent writers only race on counters and timestamps.
         let flow = unsafe { &mut *flow };
         let live = !tcp::expired(&cfg.timeouts_ns, flow.state, flow.last_seen_ns, now);
         let reopen = tcp::is_new_connection(pkt.flags)
             && (!live || State::from_u8(flow.state).is_none_or(State::reusable));
         if live && !reopen {
-            return Ok(established(ctx, &pkt, flow, cfg, now));
+            return Ok(established(ctx, &pkt, flow, table, cfg, now));
         }
         if reopen {
-            // A new connection on a finished 4-tuple: it gets a fresh SNAT binding, and the old
-            // binding's reply entry must go so its port is free again.
-            let _ = FLOWS.remove(&FlowKey::reply_of(&flow.nat));
+            // A new connection on a finished 4-tuple gets a fresh SNAT binding: both old entries
+            // go, the reply one so its port is free again.
+            let _ = table.remove(&FlowKey::reply_of(&flow.nat));
+            let _ = table.remove(&pkt.key);
         }
     }
 
@@ -56,13 +66,7 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
         // No connection to continue: the kernel answers RST, so the client reconnects at once.
         return Ok(pass(Counter::PassNoFlow));
     }
-    Ok(match open(ctx, &pkt, &fe, cfg, now) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::count(reason);
-            xdp_action::XDP_DROP
-        }
-    })
+    Ok(open(ctx, &pkt, &fe, cfg, now))
 }
 
 #[inline(always)]
@@ -85,32 +89,72 @@ fn frontend(ctx: &XdpContext, key: &FlowKey) -> Option<Frontend> {
     forward::is_local(ctx, ctx.ingress_ifindex() as u32, key.dst_addr).then_some(fe)
 }
 
+/// A route or neighbour changed since `flow` looked up its next hop: look again. A separate BPF
+/// function, rarely called: its FIB parameter block stays off the forwarding path's stack.
+#[inline(never)]
+fn refresh_next_hop(ctx: &XdpContext, flow: &mut Flow, fib_gen: u32) {
+    match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr, fib_gen) {
+        Ok((nh, src)) if src == flow.nat.src_addr && forward::can_send(ctx, nh.ifindex) => flow.next_hop = nh,
+        // The source address toward the backend would change (this connection cannot follow the
+        // new route), or the route or neighbour is gone for now: keep the old next hop rather
+        // than drop an established connection; the next routing change retries.
+        Ok(_) | Err(_) => flow.next_hop.fib_gen = fib_gen,
+    }
+}
+
+/// Moves a connection whose client just completed the handshake from the half-open table to
+/// the established one, and returns its entry there.
+#[inline(always)]
+fn promote(key: &FlowKey, reply_key: &FlowKey) -> Option<&'static mut Flow> {
+    // Inserted straight from the half-open values: no copy on the 512-byte BPF stack.
+    let (orig, reply) = (HALF_OPEN.get_ptr(key)?, HALF_OPEN.get_ptr(reply_key)?);
+    // SAFETY: live map values, read by the helper.
+    unsafe {
+        FLOWS.insert(reply_key, &*reply, 0).ok()?;
+        FLOWS.insert(key, &*orig, 0).ok()?;
+    }
+    let _ = HALF_OPEN.remove(key);
+    let _ = HALF_OPEN.remove(reply_key);
+    // SAFETY: a live map value.
+    FLOWS.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+}
+
 /// The common case: a packet of a known, live connection.
 #[inline(always)]
-fn established(ctx: &XdpContext, pkt: &Packet, flow: &mut Flow, cfg: &Config, now: u64) -> u32 {
+fn established(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    mut flow: &mut Flow,
+    table: &'static LruHashMap<FlowKey, Flow>,
+    cfg: &Config,
+    now: u64,
+) -> u32 {
     if let Some(state) = State::from_u8(flow.state)
         && tcp::may_change(state, pkt.flags)
     {
         let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
         let next = tcp::next(state, dir, pkt.flags);
         if next != state {
+            let reply_key = FlowKey::reply_of(&flow.nat);
             flow.state = next as u8;
-            if let Some(peer) = FLOWS.get_ptr_mut(&FlowKey::reply_of(&flow.nat)) {
+            if let Some(peer) = table.get_ptr_mut(&reply_key) {
                 // SAFETY: a live map value.
                 unsafe { (*peer).state = next as u8 };
+            }
+            if core::ptr::eq(table, &HALF_OPEN) && next.handshake_done() {
+                match promote(&pkt.key, &reply_key) {
+                    Some(f) => flow = f,
+                    None => {
+                        stats::count(Counter::DropFlowTableFull);
+                        return xdp_action::XDP_DROP;
+                    }
+                }
             }
         }
     }
 
     if flow.direction == Direction::Original as u8 && flow.next_hop.fib_gen != cfg.fib_gen {
-        // A route or neighbour changed since this flow looked up its next hop.
-        match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr, cfg.fib_gen) {
-            Ok((nh, src)) if src == flow.nat.src_addr && forward::can_send(ctx, nh.ifindex) => flow.next_hop = nh,
-            // The source address toward the backend would change (this connection cannot follow
-            // the new route), or the route or neighbour is gone for now: keep the old next hop
-            // rather than drop an established connection; the next routing change retries.
-            Ok(_) | Err(_) => flow.next_hop.fib_gen = cfg.fib_gen,
-        }
+        refresh_next_hop(ctx, flow, cfg.fib_gen);
     }
 
     if now != flow.last_seen_ns {
@@ -163,10 +207,24 @@ fn choose(pkt: &Packet, fe: &Frontend) -> Result<Option<(u32, Backend)>, Counter
     Ok(Some((id, be)))
 }
 
-/// Opens a connection for a SYN to frontend `fe`: backend, next hop, SNAT port, both conntrack
-/// entries.
+/// Opens a connection for a SYN to frontend `fe` and forwards the SYN, or drops it and counts
+/// why. A separate BPF function (at most five register arguments, a plain return value): its
+/// frame (two entries being built, the FIB parameters) does not weigh on the established path's
+/// stack.
+#[inline(never)]
+fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> u32 {
+    match try_open(ctx, pkt, fe, cfg, now) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Backend, next hop, SNAT port, both conntrack entries.
 #[inline(always)]
-fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
+fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
     let Some((backend_id, be)) = choose(pkt, fe)? else {
         // The frontend's only backend is draining: the kernel's RST makes the client fail fast.
         return Ok(pass(Counter::PassBackendDraining));
@@ -185,52 +243,54 @@ fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -
     let to_client = NextHop { ifindex: ingress, src_mac: eth.dst_addr, dst_mac: eth.src_addr, fib_gen: cfg.fib_gen };
 
     let k = &pkt.key;
+    // Both entries are assembled in the per-CPU scratch slot, field by field, not on the stack.
+    let slot = SCRATCH.get_ptr_mut(0).ok_or(Counter::DropFlowTableFull)?;
+    // SAFETY: this CPU's slot; nothing else touches it while the program runs here.
+    let f = unsafe { &mut *slot };
+    f.next_hop = to_client;
+    f.created_ns = now;
+    f.last_seen_ns = now;
+    f.packets = 0;
+    f.bytes = 0;
+    f.frontend_id = fe.id;
+    f.backend_id = backend_id;
+    f.next_seq = 0;
+    f.state = State::SynSent as u8;
+    f.direction = Direction::Reply as u8;
+    f._pad = [0; 2];
+
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
-        let reply = Flow {
-            nat: Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port),
-            next_hop: to_client,
-            created_ns: now,
-            last_seen_ns: now,
-            frontend_id: fe.id,
-            backend_id,
-            state: State::SynSent as u8,
-            direction: Direction::Reply as u8,
-            ..Flow::default()
-        };
-        if FLOWS.insert(&reply_key, &reply, BPF_NOEXIST as u64).is_ok() {
+        // A port is taken if an established connection or a handshake holds it.
+        if FLOWS.get_ptr(&reply_key).is_some() {
+            continue;
+        }
+        f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+        if HALF_OPEN.insert(&reply_key, &*f, BPF_NOEXIST as u64).is_ok() {
             claimed = Some(port);
             break;
         }
     }
     let port = claimed.ok_or(Counter::DropSnatExhausted)?;
 
-    let original = Flow {
-        nat: Nat::new(k, gw_addr, port, be.addr, be.port),
-        next_hop: to_backend,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: pkt.ip_len as u64,
-        frontend_id: fe.id,
-        backend_id,
-        next_seq: pkt.next_seq(),
-        state: State::SynSent as u8,
-        direction: Direction::Original as u8,
-        ..Flow::default()
-    };
-    if FLOWS.insert(k, &original, 0).is_err() {
-        let _ = FLOWS.remove(&FlowKey::tcp(be.addr, be.port, gw_addr, port));
+    f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
+    f.next_hop = to_backend;
+    f.packets = 1;
+    f.bytes = pkt.ip_len as u64;
+    f.next_seq = pkt.next_seq();
+    f.direction = Direction::Original as u8;
+    if HALF_OPEN.insert(k, &*f, 0).is_err() {
+        let _ = HALF_OPEN.remove(&FlowKey::tcp(be.addr, be.port, gw_addr, port));
         return Err(Counter::DropFlowTableFull);
     }
     stats::count(Counter::NewFlows);
     stats::traffic(fe.id, backend_id, pkt.ip_len as u64, true);
 
-    rewrite(ctx, pkt, &original.nat, cfg);
+    rewrite(ctx, pkt, &f.nat, cfg);
     forward::send(ctx, pkt, &to_backend)
 }
 

@@ -7,7 +7,33 @@ use aya_ebpf::{
 };
 use kpf_common::{Counter, NextHop};
 
-use crate::{maps::DEVMAP, parse::Packet};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{DEVMAP, FIB_SCRATCH},
+    parse::Packet,
+};
+
+/// This CPU's FIB parameter block, reset for an IPv4/TCP lookup of `dst` from `ifindex`.
+#[inline(always)]
+fn params(ifindex: u32, dst: u32) -> Option<&'static mut bpf_fib_lookup> {
+    // SAFETY: this CPU's slot; nothing else uses it while the program runs here.
+    let p = unsafe { &mut *FIB_SCRATCH.get_ptr_mut(0)? };
+    p.family = AF_INET;
+    p.l4_protocol = kpf_common::IPPROTO_TCP;
+    p.sport = 0;
+    p.dport = 0;
+    p.__bindgen_anon_1.tot_len = 0;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_2.rt_metric = 0;
+    p.__bindgen_anon_3.ipv6_src = [0; 4];
+    p.__bindgen_anon_4.ipv6_dst = [0; 4];
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    p.__bindgen_anon_5.tbid = 0;
+    p.smac = [0; 6];
+    p.dmac = [0; 6];
+    Some(p)
+}
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -21,17 +47,12 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// the route.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, fib_gen: u32) -> Result<(NextHop, u32), Counter> {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = kpf_common::IPPROTO_TCP;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    let p = params(ifindex, dst).ok_or(Counter::DropFibFailed)?;
     // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
     let rc = unsafe {
         fib_lookup_helper(
             ctx.ctx as *mut _,
-            &mut p,
+            &mut *p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SRC,
         )
@@ -48,20 +69,16 @@ pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, fib_gen: u32) -> Result<
 }
 
 /// Whether `dst` is an address of this host (or a VIP routed to it as local, as GCP's guest agent
-/// does for internal load balancers): the kernel's FIB will not forward to it.
-#[inline(always)]
+/// does for internal load balancers): the kernel's FIB will not forward to it. A separate BPF
+/// function: its parameter block stays off the forwarding path's stack.
+#[inline(never)]
 pub fn is_local(ctx: &XdpContext, ifindex: u32, dst: u32) -> bool {
-    // SAFETY: as in `lookup`.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = kpf_common::IPPROTO_TCP;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    let Some(p) = params(ifindex, dst) else { return false };
     // SAFETY: as in `lookup`. SKIP_NEIGH: only the route type matters here.
     let rc = unsafe {
         fib_lookup_helper(
             ctx.ctx as *mut _,
-            &mut p,
+            &mut *p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
@@ -79,8 +96,14 @@ pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
 /// or a devmap redirect to another attached interface.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, pkt: &Packet, nh: &NextHop) -> Result<u32, Counter> {
+    send_frame(ctx, pkt.eth, nh)
+}
+
+/// [`send`] for any frame whose Ethernet header parse checked.
+#[inline(always)]
+pub fn send_frame(ctx: &XdpContext, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter> {
     // SAFETY: parse bounds-checked the Ethernet header.
-    let eth = unsafe { &mut *pkt.eth };
+    let eth = unsafe { &mut *eth };
     eth.src_addr = nh.src_mac;
     eth.dst_addr = nh.dst_mac;
     if nh.ifindex == ctx.ingress_ifindex() as u32 {

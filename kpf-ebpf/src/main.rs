@@ -9,6 +9,7 @@
 
 mod conntrack;
 mod forward;
+mod icmp;
 mod maps;
 mod parse;
 mod stats;

@@ -27,8 +27,14 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_TABLES * MAGLEV_SIZE
 pub static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
 
 /// Conntrack: one entry per direction of each connection, keyed by the packet as it arrives.
+/// Only connections whose client completed the handshake live here.
 #[map(name = "KPF_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+
+/// Connections still in their handshake. Kept apart so that a flood of SYNs (which never
+/// complete) can only evict each other, never an established connection.
+#[map(name = "KPF_HALF_OPEN")]
+pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, 0);
 
 #[map(name = "KPF_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -40,6 +46,15 @@ pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_IFACE
 /// Redirect targets (the attached interfaces), by ifindex.
 #[map(name = "KPF_DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+/// One entry per CPU where `open` assembles new conntrack entries: the BPF stack (512 bytes
+/// for the whole call chain) has no room for them.
+#[map(name = "KPF_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU parameter block for bpf_fib_lookup, for the same reason.
+#[map(name = "KPF_FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "KPF_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

@@ -3,6 +3,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use kpf_common::{Counter, FlowKey, IPPROTO_TCP};
+
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_HLEN: usize = 8;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
 const ETH_P_IP: u16 = 0x0800u16.to_be();
@@ -26,6 +31,31 @@ pub struct Packet {
     pub vlan: bool,
 }
 
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP/IPv4 header: how
+/// path-MTU discovery reaches the endpoints of a NATed connection.
+pub struct IcmpError {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// The ICMP header: type, code, checksum, then 4 bytes (the next-hop MTU for "fragmentation
+    /// needed").
+    pub icmp: *mut [u8; ICMP_HLEN],
+    /// The quoted IPv4 header: the packet that could not be delivered.
+    pub inner_ip: *mut Ipv4Hdr,
+    /// The quoted TCP header's ports and sequence number.
+    pub inner_l4: *mut [u8; 8],
+    /// The quoted TCP checksum, or null when the quote is too short to hold it. (A raw pointer,
+    /// not an Option: LLVM splits an Option of a packet pointer in ways the verifier rejects.)
+    pub inner_check: *mut [u8; 2],
+    /// The quoted packet's 4-tuple, as it travelled.
+    pub inner: FlowKey,
+}
+
+pub enum Parsed {
+    Tcp(Packet),
+    /// An IPv4 ICMP message whose header starts at this offset (parsed further by `icmp`).
+    Icmp { l4: usize },
+}
+
 impl Packet {
     /// The sequence number the sender will use after this segment.
     #[inline(always)]
@@ -45,8 +75,52 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// The offset of the outer IPv4 header (after an optional 802.1Q tag).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
+fn l4_to_l3(ctx: &XdpContext) -> Result<usize, Counter> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked.
+    Ok(if unsafe { (*eth).ether_type } == ETH_P_8021Q { EthHdr::LEN + VLAN_HLEN } else { EthHdr::LEN })
+}
+
+/// The ICMP error at `l4`, if it quotes TCP/IPv4. The outer headers were checked by [`parse`].
+#[inline(always)]
+pub fn icmp_error(ctx: &XdpContext, l4: usize) -> Result<IcmpError, Counter> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
+    let l3 = l4_to_l3(ctx)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
+    let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked.
+    let kind = unsafe { (*icmp)[0] };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return Err(Counter::PassNotOurs);
+    }
+    let q3 = l4 + ICMP_HLEN;
+    let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, q3).ok_or(Counter::PassMalformed)?;
+    // SAFETY: bounds checked.
+    let iph = unsafe { &*inner_ip };
+    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    if iph.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Counter::PassMalformed);
+    }
+    if iph.proto as u8 != IPPROTO_TCP {
+        return Err(Counter::PassNotOurs);
+    }
+    let inner_l4: *mut [u8; 8] = ptr_at(ctx, q3 + ihl).ok_or(Counter::PassMalformed)?;
+    let inner_check = ptr_at::<[u8; 2]>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut());
+    // SAFETY: bounds checked.
+    let (iph, p) = unsafe { (&*inner_ip, *inner_l4) };
+    let inner = FlowKey::tcp(
+        u32::from_ne_bytes(iph.src_addr),
+        u16::from_ne_bytes([p[0], p[1]]),
+        u32::from_ne_bytes(iph.dst_addr),
+        u16::from_ne_bytes([p[2], p[3]]),
+    );
+    Ok(IcmpError { eth, ip, icmp, inner_ip, inner_l4, inner_check, inner })
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -75,11 +149,18 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
     if ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl || ip_len as usize > frame_l3 {
         return Err(Counter::PassMalformed);
     }
-    if iph.proto as u8 != IPPROTO_TCP {
+    let proto = iph.proto as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_ICMP {
         return Err(Counter::PassNotOurs);
     }
+    // Only the first fragment carries the ports; the rest cannot be matched to a connection
+    // without reassembly. TCP sets DF and kpf translates "fragmentation needed" errors, so
+    // forwarded connections do not fragment: every fragment goes to the kernel.
     if u16::from_be_bytes(iph.frags) & IP_FRAG_MASK != 0 {
         return Err(Counter::PassFragment);
+    }
+    if proto == IPPROTO_ICMP {
+        return Ok(Parsed::Icmp { l4: l3 + ihl });
     }
 
     let l4 = l3 + ihl;
@@ -102,5 +183,5 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
         u16::from_ne_bytes(tcph.dest),
     );
     let payload = ip_len - (ihl + doff) as u16;
-    Ok(Packet { eth, ip, tcp, key, flags, ip_len, payload, vlan: l3 != EthHdr::LEN })
+    Ok(Parsed::Tcp(Packet { eth, ip, tcp, key, flags, ip_len, payload, vlan: l3 != EthHdr::LEN }))
 }

@@ -19,8 +19,9 @@ use crate::{
 };
 
 /// Every map, for pinning.
-const MAP_NAMES: [&str; 11] = [
+const MAP_NAMES: [&str; 12] = [
     names::FRONTENDS,
+    names::HALF_OPEN,
     names::BACKENDS,
     names::MAGLEV,
     names::ALLOW,
@@ -121,6 +122,7 @@ impl Dataplane {
     pub fn load(max_flows: u32) -> Result<Self> {
         let ebpf = EbpfLoader::new()
             .map_max_entries(names::FLOWS, max_flows.saturating_mul(2))
+            .map_max_entries(names::HALF_OPEN, half_open_entries(max_flows))
             .load(PROGRAM)?;
         let mut dp = Dataplane { ebpf, attachments: Vec::new() };
         dp.program_mut()?.load()?;
@@ -157,6 +159,7 @@ impl Dataplane {
         let paths: Vec<(&'static str, std::path::PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, want);
+        loader.map_max_entries(names::HALF_OPEN, half_open_entries(max_flows));
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -387,33 +390,57 @@ impl Dataplane {
         let mut t: LpmTrie<&mut MapData, AllowKey, u8> = self.map_mut(names::ALLOW)?;
         let key = Key::new(AllowKey::prefix_len(bits as u32), AllowKey::new(frontend_id, kpf_common::wire::addr(net)));
         match t.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(Error::map(names::ALLOW)(e)),
         }
     }
 
     /// Every conntrack entry (both directions of each connection).
+    /// Every conntrack entry (both directions of each connection), established and half-open.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        let m: HashMap<&MapData, FlowKey, Flow> = self.map(names::FLOWS)?;
-        // Entries can vanish between the key walk and the lookup; skip those.
         let mut out = Vec::new();
-        for item in m.iter() {
-            match item {
-                Ok(kv) => out.push(kv),
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(Error::map(names::FLOWS)(e)),
+        for table in [names::FLOWS, names::HALF_OPEN] {
+            let m: HashMap<&MapData, FlowKey, Flow> = self.map(table)?;
+            // Entries can vanish between the key walk and the lookup; skip those.
+            for item in m.iter() {
+                match item {
+                    Ok(kv) => out.push(kv),
+                    Err(aya::maps::MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(Error::map(table)(e)),
+                }
             }
         }
         Ok(out)
     }
 
+    /// Removes a conntrack entry from whichever table holds it.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(names::FLOWS)?;
-        match m.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(Error::map(names::FLOWS)(e)),
+        for table in [names::FLOWS, names::HALF_OPEN] {
+            let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(table)?;
+            match m.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(table)(e)),
+            }
         }
+        Ok(())
     }
+}
+
+/// A delete of a key that is not there: aya reports it as ENOENT from the syscall.
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Entries of the half-open table: room for a quarter of `max_flows` handshakes at once, which a
+/// SYN flood fills (evicting only its own entries) while established connections stay put.
+pub fn half_open_entries(max_flows: u32) -> u32 {
+    (max_flows / 4).max(1024).saturating_mul(2)
 }
 
 /// The mode of the link pinned for interface `ifindex`, if any.

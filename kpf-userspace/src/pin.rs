@@ -27,7 +27,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub fn layout() -> String {
     use core::mem::size_of;
     format!(
-        "v2-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
+        "v3-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
         size_of::<FlowKey>(),
         size_of::<Flow>(),
         size_of::<FrontendKey>(),
