@@ -106,8 +106,19 @@ pub fn icmp_error(ctx: &XdpContext, l4: usize) -> Result<IcmpError, Counter> {
     if iph.proto as u8 != IPPROTO_TCP {
         return Err(Counter::PassNotOurs);
     }
+    // The quote ends where the outer IPv4 packet does, not where the frame does (Ethernet
+    // padding follows short packets): nothing past it may be read as quoted data, or changed.
+    // SAFETY: bounds checked above.
+    let end = l3 + u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    if q3 + ihl + 8 > end {
+        return Err(Counter::PassMalformed);
+    }
     let inner_l4: *mut [u8; 8] = ptr_at(ctx, q3 + ihl).ok_or(Counter::PassMalformed)?;
-    let inner_check = ptr_at::<[u8; 2]>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut());
+    let inner_check = if q3 + ihl + 18 <= end {
+        ptr_at::<[u8; 2]>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut())
+    } else {
+        core::ptr::null_mut()
+    };
     // SAFETY: bounds checked.
     let (iph, p) = unsafe { (&*inner_ip, *inner_l4) };
     let inner = FlowKey::tcp(

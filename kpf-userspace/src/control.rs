@@ -38,7 +38,7 @@ pub enum Request {
         address: Option<Ipv4Addr>,
         backend: String,
     },
-    MapLs,
+    MapLs {},
     /// Converge to a whole config (`kpf apply -f`); `name` locates errors.
     Apply {
         config: String,
@@ -47,8 +47,8 @@ pub enum Request {
         dry_run: bool,
     },
     /// Re-read the daemon's own config file (as SIGHUP does).
-    Reload,
-    Status,
+    Reload {},
+    Status {},
     Flows {
         #[serde(default)]
         port: Option<u16>,
@@ -63,15 +63,28 @@ pub enum Request {
         backend: String,
     },
     /// The Prometheus exposition text.
-    Metrics,
+    Metrics {},
     /// Detach, unpin everything, and exit.
-    Down,
+    Down {},
 }
+// Every variant is a struct variant, even without fields: serde applies `deny_unknown_fields`
+// only to those, so `{"op":"down","junk":1}` is refused rather than obeyed.
 
 impl Request {
     /// Whether this request changes anything (and so needs root).
     pub fn mutates(&self) -> bool {
-        !matches!(self, Request::MapLs | Request::Status | Request::Flows { .. } | Request::Metrics)
+        !matches!(self, Request::MapLs {} | Request::Status {} | Request::Flows { .. } | Request::Metrics {})
+    }
+
+    /// Decodes one request line. Only a JSON object with a known `op` and exactly that op's
+    /// fields is a request (serde alone would also take `["status"]`, an array in field order).
+    pub fn decode(line: &str) -> Result<Request, String> {
+        // Decoded from the text itself, not via serde_json::Value, which would quietly keep the
+        // last of two duplicate keys (`{"op":"status","op":"down"}` must be refused, not obeyed).
+        if !line.trim_start().starts_with('{') {
+            return Err("malformed request: expected a JSON object like {\"op\":\"status\"}".into());
+        }
+        serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
     }
 }
 
@@ -117,5 +130,53 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
         Ok(Response::Ok { ok }) => Ok(ok),
         Ok(Response::Err { error }) => Err(Error::Rejected(error)),
         Err(e) => Err(Error::Environment(format!("unreadable answer from the daemon ({e}): {reply:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exact_requests_decode() {
+        assert_eq!(Request::decode(r#"{"op":"status"}"#), Ok(Request::Status {}));
+        assert_eq!(Request::decode(r#"{"op":"map_rm","port":9093}"#), Ok(Request::MapRm { port: 9093, address: None, reset: false }));
+        for bad in [
+            r#"{"op":"down","junk":1}"#,
+            r#"{"op":"status","verbose":true}"#,
+            r#"{"op":"map_ls","x":1}"#,
+            r#"{"op":"metrics","format":"json"}"#,
+            r#"["status"]"#,
+            r#"["map_rm",9093,null,true]"#,
+            r#"["flows",9093]"#,
+            r#""status""#,
+            r#"{"op":"map_add","port":9093}"#,
+            r#"{"op":"map_add","port":"9093","backend":"10.0.0.1:1"}"#,
+            r#"{"op":"nope"}"#,
+            r#"{}"#,
+            r#"{"op":"status","op":"down"}"#,
+            r#"{"op":"map_rm","port":9999,"port":9093}"#,
+            r#"{"op":"map_set","port":9094,"backend":"10.0.0.3:1","backend":"10.0.0.1:1"}"#,
+        ] {
+            assert!(Request::decode(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let all = [
+            Request::MapLs {},
+            Request::Status {},
+            Request::Reload {},
+            Request::Metrics {},
+            Request::Down {},
+            Request::Flows { port: Some(9093) },
+            Request::MapAdd { port: 9096, address: None, backend: "10.0.0.5:39092".into() },
+            Request::BackendDrain { backend: "10.0.0.5:39092".into(), timeout_ms: Some(1500) },
+        ];
+        for r in all {
+            let line = serde_json::to_string(&r).unwrap();
+            assert_eq!(Request::decode(&line), Ok(r), "{line}");
+        }
     }
 }

@@ -436,7 +436,7 @@ impl Daemon {
             let msg = format!("permission denied: changing kpf needs root; this request came from uid {uid}");
             return (Response::Err { error: msg }, false);
         }
-        let exit = matches!(req, Request::Down);
+        let exit = matches!(req, Request::Down {});
         let result = self.dispatch(req);
         match result {
             Ok(v) => (Response::Ok { ok: v }, exit),
@@ -446,8 +446,8 @@ impl Daemon {
 
     fn dispatch(&mut self, req: Request) -> Result<serde_json::Value> {
         match req {
-            Request::MapLs => json(&self.config.frontends),
-            Request::Status => json(&self.status()?),
+            Request::MapLs {} => json(&self.config.frontends),
+            Request::Status {} => json(&self.status()?),
             Request::Flows { port } => json(&self.flows(port)?),
             Request::MapAdd { port, address, backend } => {
                 let b = Self::backend(&backend)?;
@@ -485,7 +485,7 @@ impl Daemon {
                 }
                 json(&self.change(desired, &HashSet::new())?)
             }
-            Request::Reload => {
+            Request::Reload {} => {
                 let path = self.config_path.clone().ok_or_else(|| {
                     Error::Rejected("this daemon was started without a config file; use `kpf apply -f`".into())
                 })?;
@@ -513,8 +513,8 @@ impl Daemon {
                 log::info!("{addr} back in selection");
                 json(&if was { format!("{addr} takes new connections again") } else { format!("{addr} was not draining") })
             }
-            Request::Metrics => json(&metrics::render(&self.status()?)),
-            Request::Down => {
+            Request::Metrics {} => json(&metrics::render(&self.status()?)),
+            Request::Down {} => {
                 let removed = self.pins.remove_all()?;
                 log::info!("down: unpinned {} object(s) from {}; detaching", removed.len(), self.pins.root().display());
                 json(&removed.len())
@@ -538,14 +538,26 @@ fn json<T: Serialize + ?Sized>(v: &T) -> Result<serde_json::Value> {
 /// (detaching it). Prints `ready` on stdout once traffic is being forwarded and the control
 /// socket answers; SIGHUP re-reads the config file; SIGUSR1 logs the counters.
 pub async fn run(config: Config, opts: Options) -> Result<()> {
+    // Rights first: nothing (not even the socket) may be touched by a process that cannot run.
+    require_root()?;
     let socket_path = config.socket.clone();
     let listener = server::bind(&socket_path)?;
-    let metrics_listener = match config.metrics_addr {
-        Some(a) => Some(metrics::bind(a).await?),
-        None => None,
+    let started = async {
+        let metrics_listener = match config.metrics_addr {
+            Some(a) => Some(metrics::bind(a).await?),
+            None => None,
+        };
+        let (health_tx, health_rx) = mpsc::channel(256);
+        Ok::<_, Error>((metrics_listener, health_rx, Daemon::start(config, opts, health_tx)?))
     };
-    let (health_tx, mut health_rx) = mpsc::channel(256);
-    let mut d = Daemon::start(config, opts, health_tx)?;
+    let (metrics_listener, mut health_rx, mut d) = match started.await {
+        Ok(s) => s,
+        Err(e) => {
+            // Our socket must not outlive a failed start (a CLI would take it for a daemon).
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     let (requests, mut incoming) = mpsc::channel(16);
     let accept = tokio::spawn(server::serve(listener, requests.clone()));
     let metrics_task = metrics_listener.map(|l| {
@@ -577,7 +589,7 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match d.dispatch(Request::Reload) {
+            _ = hup.recv() => match d.dispatch(Request::Reload {}) {
                 Ok(_) => log::info!("SIGHUP: config re-read"),
                 Err(e) => log::error!("SIGHUP: config not applied: {e}"),
             },

@@ -286,6 +286,25 @@ impl Dataplane {
         m.iter().collect::<Result<_, _>>().map_err(Error::map(names::FRONTENDS))
     }
 
+    /// One global counter summed over CPUs.
+    pub fn counter(&self, c: Counter) -> Result<u64> {
+        let a: PerCpuArray<&MapData, u64> = self.map(names::STATS)?;
+        Ok(a.get(&(c as u32), 0).map_err(Error::map(names::STATS))?.iter().sum())
+    }
+
+    /// The conntrack entry for `key`, established or half-open.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        for table in [names::FLOWS, names::HALF_OPEN] {
+            let m: HashMap<&MapData, FlowKey, Flow> = self.map(table)?;
+            match m.get(key, 0) {
+                Ok(f) => return Ok(Some(f)),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(table)(e)),
+            }
+        }
+        Ok(None)
+    }
+
     /// Global counters summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let a: PerCpuArray<&MapData, u64> = self.map(names::STATS)?;

@@ -92,7 +92,7 @@ async fn connection(mut stream: TcpStream, calls: mpsc::Sender<Call>) {
         (Some("GET"), Some("/metrics")) => {
             let (reply, answer) = oneshot::channel();
             let (_written_tx, written) = oneshot::channel();
-            if calls.send(Call { request: Request::Metrics, uid: u32::MAX, reply, written }).await.is_err() {
+            if calls.send(Call { request: Request::Metrics {}, uid: u32::MAX, reply, written }).await.is_err() {
                 return;
             }
             match answer.await {

@@ -33,13 +33,20 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(Error::Environment(format!(
-                "another kpf is already running (it answers on {}); stop it or use another `socket`",
-                path.display()
-            )));
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(Error::Environment(format!(
+                    "another kpf is already running (it answers on {}); stop it or use another `socket`",
+                    path.display()
+                )));
+            }
+            // Only a socket nobody listens on is stale; anything else (no permission, not a
+            // socket) is not ours to remove.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(Error::io(format!("removing stale socket {}", path.display())))?;
+            }
+            Err(e) => return Err(Error::io(format!("checking the existing control socket {}", path.display()))(e)),
         }
-        std::fs::remove_file(path).map_err(Error::io(format!("removing stale socket {}", path.display())))?;
     }
     // Created with a umask that leaves no window where others could connect.
     // SAFETY: umask only changes this process's file creation mask.
@@ -86,7 +93,7 @@ async fn read_request(stream: &mut UnixStream) -> std::result::Result<Request, S
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
-    serde_json::from_str(&line).map_err(|e| format!("malformed request: {e}"))
+    Request::decode(&line)
 }
 
 async fn connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {

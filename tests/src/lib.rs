@@ -14,3 +14,5 @@ pub mod peer;
 pub mod streams;
 pub mod topology;
 pub mod xdp;
+pub mod routed;
+pub mod synflood;

@@ -36,7 +36,7 @@ pub fn run(opts: Options) -> Result<()> {
     for name in kpf_tests::netns::sweep_stale()? {
         println!("test: removed namespace {name} left by an earlier, killed run");
     }
-    util::run(cargo().args(["test", "--release", "-p", "kpf", "--test", "fixtures"]))?;
+    util::run(cargo().args(["test", "--release", "-p", "kpf", "--test", "fixtures", "--test", "mutation"]))?;
     util::run(
         cargo()
             .args([

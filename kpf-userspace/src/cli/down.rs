@@ -27,7 +27,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         args.pin_dir = c.pin_dir;
         args.socket.socket = c.socket;
     }
-    match control::call(&args.socket.socket, &Request::Down) {
+    match control::call(&args.socket.socket, &Request::Down {}) {
         Ok(n) => {
             println!("kpf down: daemon detached and removed {n} pinned object(s)");
             Ok(())

@@ -54,9 +54,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Add { port, backend, address, socket } => (socket, Request::MapAdd { port, address, backend }, false),
         Command::Rm { port, address, reset, socket } => (socket, Request::MapRm { port, address, reset }, false),
         Command::Set { port, backend, address, socket } => (socket, Request::MapSet { port, address, backend }, false),
-        Command::Ls { json, socket } => (socket, Request::MapLs, json.json),
+        Command::Ls { json, socket } => (socket, Request::MapLs {}, json.json),
     };
-    let listing = matches!(req, Request::MapLs);
+    let listing = matches!(req, Request::MapLs {});
     let answer = control::call(&socket.socket, &req)?;
     if json {
         print_json(&answer);

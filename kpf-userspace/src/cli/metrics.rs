@@ -10,7 +10,7 @@ pub struct Args {
 
 /// Prints what `metrics_addr` serves, through the control socket (works without `metrics_addr`).
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let answer = control::call(&args.socket.socket, &Request::Metrics)?;
+    let answer = control::call(&args.socket.socket, &Request::Metrics {})?;
     print!("{}", answer.as_str().unwrap_or_default());
     Ok(())
 }

@@ -33,7 +33,7 @@ struct Status {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let answer = control::call(&args.socket.socket, &Request::Status)?;
+    let answer = control::call(&args.socket.socket, &Request::Status {})?;
     if args.json.json {
         print_json(&answer);
         return Ok(());
