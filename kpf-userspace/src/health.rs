@@ -81,6 +81,12 @@ async fn probe(addr: SocketAddrV4, kind: CheckKind) -> Result<(), String> {
     s.read_exact(&mut head).await.map_err(|e| format!("read ApiVersions answer: {e}"))?;
     let got = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
     let error = i16::from_be_bytes([head[8], head[9]]);
+    // Read the rest too: closing with unread data would send the broker an RST (and a warning
+    // in its log) on every check.
+    let size = i32::from_be_bytes([head[0], head[1], head[2], head[3]]).clamp(6, 1 << 20) as u64;
+    let mut rest = Vec::new();
+    (&mut s).take(size - 6).read_to_end(&mut rest).await.map_err(|e| format!("read ApiVersions answer: {e}"))?;
+    let _ = s.shutdown().await;
     if got != id {
         return Err(format!("ApiVersions answer has correlation id {got}, sent {id}"));
     }

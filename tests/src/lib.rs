@@ -8,6 +8,7 @@
 pub mod bpffs;
 pub mod byte_echo;
 pub mod cli;
+pub mod kafka;
 pub mod kpf_proc;
 pub mod netns;
 pub mod peer;

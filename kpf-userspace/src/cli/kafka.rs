@@ -56,9 +56,10 @@ pub struct VerifyArgs {
     connect: IpAddr,
     #[arg(long, default_value_t = 9092)]
     bootstrap_port: u16,
-    /// The verification topic: one single-replica partition per broker, created if missing.
-    #[arg(long, default_value = "__kpf_verify")]
-    topic: String,
+    /// The verification topic: one single-replica partition per broker, created if missing
+    /// (default: a fresh `__kpf_verify_<ms>` per run).
+    #[arg(long)]
+    topic: Option<String>,
     /// Keep the verification topic (default: delete it if this run created it).
     #[arg(long)]
     keep_topic: bool,
@@ -141,7 +142,7 @@ fn run_verify(a: VerifyArgs) -> anyhow::Result<()> {
         print!("{report}");
     }
     if !report.ok {
-        let bad: Vec<String> = report.rows.iter().filter(|r| !r.ok).map(|r| format!("port {}: {}", r.port, r.detail)).collect();
+        let bad: Vec<String> = report.rows.iter().filter(|r| !r.ok).map(|r| format!("port {} {}", r.port, r.detail)).collect();
         bail!("verification failed: {}", bad.join("; "));
     }
     Ok(())

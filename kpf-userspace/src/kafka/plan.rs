@@ -181,7 +181,17 @@ impl Output {
             let _ = writeln!(o, "#   append to the existing values, keeping what is there (\"...\"):");
             let _ = writeln!(o, "listeners=...,{l}://0.0.0.0:{}", self.input.external_port);
             let _ = writeln!(o, "advertised.listeners=...,{l}://{}:{}", b.advertised_host, b.advertised_port);
-            let _ = writeln!(o, "listener.security.protocol.map=...,{l}:PLAINTEXT\n");
+            let _ = writeln!(o, "listener.security.protocol.map=...,{l}:PLAINTEXT");
+            if !(32768..=60999).contains(&self.input.external_port) {
+                let _ = writeln!(o);
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "#   {} is inside Linux's default ephemeral range: reserve it on the broker host so an outgoing\n\
+                 #   connection cannot take it first: sysctl -w net.ipv4.ip_local_reserved_ports={}\n",
+                self.input.external_port, self.input.external_port
+            );
         }
         o
     }

@@ -35,7 +35,9 @@ pub struct Options {
     /// The address the cloud client connects to (the endpoint, or the gateway).
     pub connect: IpAddr,
     pub bootstrap_port: u16,
-    pub topic: String,
+    /// The verification topic; `None`: a fresh one per run (`__kpf_verify_<ms>`), so one run
+    /// never sees the previous run's topic while the brokers are still deleting it.
+    pub topic: Option<String>,
     pub keep_topic: bool,
     pub timeout: Duration,
 }
@@ -86,10 +88,43 @@ fn layout(m: &MetadataResponse, topic: &str) -> Result<Option<BTreeMap<i32, i32>
     Ok(Some(t.partitions.iter().map(|p| (p.partition_index, p.leader_id.0)).collect()))
 }
 
+/// Asks each broker through its advertised port for the offsets of every partition of the
+/// verification topic; returns the owners of the partitions answered without error, the round
+/// trip, and the error codes of the others.
+fn probe(addr: SocketAddr, topic: &str, owners: &BTreeMap<i32, i32>, timeout: Duration) -> Result<(BTreeSet<i32>, Duration, Vec<i16>), String> {
+    let mut c = Conn::connect(addr, timeout)?;
+    let parts = owners.keys().map(|p| ListOffsetsPartition::default().with_partition_index(*p).with_timestamp(-1)).collect();
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default().with_name(topic_name(topic)).with_partitions(parts)]);
+    let (r, rtt) = c.call::<_, ListOffsetsResponse>(ApiKey::ListOffsets, &req)?;
+    let mut answered = BTreeSet::new();
+    let mut errors = Vec::new();
+    for p in r.topics.iter().flat_map(|t| &t.partitions) {
+        match (p.error_code, owners.get(&p.partition_index)) {
+            (0, Some(owner)) => {
+                answered.insert(*owner);
+            }
+            (e, _) => errors.push(e),
+        }
+    }
+    Ok((answered, rtt, errors))
+}
+
 pub fn verify(o: &Options) -> Result<Report, String> {
+    let generated;
+    let topic: &str = match &o.topic {
+        Some(t) => t,
+        None => {
+            let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            generated = format!("__kpf_verify_{ms}");
+            &generated
+        }
+    };
+    let topic_str = topic.to_owned();
     let boot_addr = SocketAddr::new(o.connect, o.bootstrap_port);
     let mut boot = Conn::connect(boot_addr, o.timeout).map_err(|e| format!("bootstrap {boot_addr}: {e}"))?;
-    let m = metadata(&mut boot, &o.topic)?;
+    let m = metadata(&mut boot, &topic_str)?;
     let mut brokers: Vec<(i32, String, u16)> =
         m.brokers.iter().map(|b| (b.node_id.0, b.host.as_str().to_owned(), b.port as u16)).collect();
     brokers.sort();
@@ -98,10 +133,10 @@ pub fn verify(o: &Options) -> Result<Report, String> {
     }
 
     let mut created = false;
-    let mut owners = layout(&m, &o.topic)?;
+    let mut owners = layout(&m, &topic_str)?;
     if owners.is_none() {
         let topic = CreatableTopic::default()
-            .with_name(topic_name(&o.topic))
+            .with_name(topic_name(&topic_str))
             .with_num_partitions(brokers.len() as i32)
             .with_replication_factor(1);
         let req = CreateTopicsRequest::default().with_topics(vec![topic]).with_timeout_ms(o.timeout.as_millis() as i32);
@@ -109,15 +144,15 @@ pub fn verify(o: &Options) -> Result<Report, String> {
         match r.topics.first().map(|t| t.error_code) {
             Some(0) => created = true,
             Some(TOPIC_ALREADY_EXISTS) => {}
-            other => return Err(format!("creating {}: error code {other:?}", o.topic)),
+            other => return Err(format!("creating {}: error code {other:?}", topic_str)),
         }
         let deadline = Instant::now() + o.timeout.max(Duration::from_secs(15));
         while owners.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
-            owners = layout(&metadata(&mut boot, &o.topic)?, &o.topic)?;
+            owners = layout(&metadata(&mut boot, &topic_str)?, &topic_str)?;
         }
     }
-    let owners = owners.ok_or_else(|| format!("topic {} has no leader for every partition yet", o.topic))?;
+    let owners = owners.ok_or_else(|| format!("topic {} has no leader for every partition yet", topic_str))?;
 
     let mut rows = Vec::new();
     for (id, host, port) in &brokers {
@@ -131,36 +166,34 @@ pub fn verify(o: &Options) -> Result<Report, String> {
             detail: String::new(),
         };
         if !owners.values().any(|o| o == id) {
-            row.detail = format!("no partition of {} is on broker {id}; use a fresh --topic", o.topic);
+            row.detail = format!("no partition of {} is on broker {id}; use a fresh --topic", topic_str);
             rows.push(row);
             continue;
         }
         let addr = SocketAddr::new(o.connect, *port);
-        let answer = Conn::connect(addr, o.timeout).and_then(|mut c| {
-            let parts = owners.keys().map(|p| ListOffsetsPartition::default().with_partition_index(*p).with_timestamp(-1)).collect();
-            let req = ListOffsetsRequest::default()
-                .with_replica_id(BrokerId(-1))
-                .with_topics(vec![ListOffsetsTopic::default().with_name(topic_name(&o.topic)).with_partitions(parts)]);
-            c.call::<_, ListOffsetsResponse>(ApiKey::ListOffsets, &req)
-        });
+        // A partition the metadata already lists may not exist on its broker yet: when nothing
+        // answers, ask again for a moment before calling it a failure.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            let a = probe(addr, &topic_str, &owners, o.timeout);
+            match &a {
+                Ok((answered, _, _)) if answered.is_empty() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                _ => break a,
+            }
+        };
         match answer {
             Err(e) => row.detail = e,
-            Ok((r, rtt)) => {
+            Ok((answered, rtt, errors)) => {
                 row.rtt_ms = Some((rtt.as_secs_f64() * 1e5).round() / 100.0);
-                let answered: BTreeSet<i32> = r
-                    .topics
-                    .iter()
-                    .flat_map(|t| &t.partitions)
-                    .filter(|p| p.error_code == 0)
-                    .filter_map(|p| owners.get(&p.partition_index).copied())
-                    .collect();
                 match answered.iter().collect::<Vec<_>>().as_slice() {
                     [one] => {
                         row.reached = Some(**one);
                         row.ok = **one == *id;
-                        row.detail = if row.ok { "ok".into() } else { format!("port {port} reaches broker {one}, not {id}") };
+                        row.detail = if row.ok { "ok".into() } else { format!("reaches broker {one}, not {id}") };
                     }
-                    [] => row.detail = "no partition answered: not a broker of this cluster?".into(),
+                    [] => row.detail = format!("no partition answered (error codes {errors:?}): not a broker of this cluster?"),
                     many => row.detail = format!("answered for brokers {many:?}: partitions are replicated; use a fresh --topic"),
                 }
             }
@@ -170,11 +203,18 @@ pub fn verify(o: &Options) -> Result<Report, String> {
 
     if created && !o.keep_topic {
         let req = DeleteTopicsRequest::default()
-            .with_topic_names(vec![topic_name(&o.topic)])
-            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(&o.topic)))])
+            .with_topic_names(vec![topic_name(&topic_str)])
+            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(&topic_str)))])
             .with_timeout_ms(o.timeout.as_millis() as i32);
-        if let Err(e) = boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &req) {
-            log::warn!("could not delete the verification topic {}: {e}", o.topic);
+        match boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &req) {
+            Err(e) => log::warn!("could not delete the verification topic {topic_str}: {e}"),
+            Ok(_) => {
+                // Deletion is asynchronous: wait (briefly) until the metadata no longer lists it.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && metadata(&mut boot, &topic_str).is_ok_and(|m| layout(&m, &topic_str).ok().flatten().is_some()) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     }
     let ok = rows.iter().all(|r| r.ok);
