@@ -1,0 +1,338 @@
+//! kpf's own per-packet cost: the real XDP program (loaded by `kpf::loader::Dataplane` in the
+//! fixture topology of `kpf-userspace/tests/fixture_support`) run through BPF_PROG_TEST_RUN, next
+//! to an empty XDP_PASS program measured the same way in the same run.
+//!
+//! With `repeat > 1` the kernel runs the program again on the frame the previous iteration left
+//! (no reset between iterations), so:
+//! - *unmapped pass*: the program does not touch the frame; `repeat` is used directly.
+//! - *established*: the connection's Original entry rewrites `C:cp -> F:fp` into
+//!   `S:sp -> B:bp`. A second, bench-only entry keyed `S:sp -> B:bp` rewrites it back. Every
+//!   iteration is then an established-path hit (lookup, rewrite with checksum deltas, MACs,
+//!   devmap redirect), alternating between the two entries; after an even `repeat` the frame is
+//!   the input again. The entries' packet counters prove it: together they grow by `repeat`.
+//! - *new flow*: a SYN creates state, so each of many distinct SYNs runs once (`repeat = 1`)
+//!   and the kernel-reported durations are averaged; the empty program gets the same treatment
+//!   (`repeat = 1`, as many runs) because a single run carries the test-run timer's overhead.
+
+use std::net::SocketAddrV4;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use kpf_common::{Counter, Flow, FlowKey, NextHop, names, nat::Nat, tcp::State, wire};
+use serde::Serialize;
+
+// Not copied: the fixture harness of kpf's own tests, compiled in here. Formatted by its owners.
+#[path = "../../../kpf-userspace/tests/fixture_support/mod.rs"]
+#[allow(clippy::all, unused_imports)]
+#[rustfmt::skip]
+mod fixture_support;
+
+use fixture_support::{ACK, Action, B0_MAC, BACKEND_A_MAC, Conn, GW_B, GW_C, Harness, PSH, SYN, Tcp4, Topology};
+
+use super::{
+    baseline::{RawXdp, xdp_md},
+    proc,
+    results::{Summary, summarize},
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Iterations per BPF_PROG_TEST_RUN for the repeatable cases (made even).
+    pub repeat: u32,
+    /// Trials of each case (interleaved).
+    pub trials: u32,
+    /// Distinct SYNs per trial for the new-flow case.
+    pub syns: u32,
+}
+
+/// One measured case.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    pub id: &'static str,
+    pub label: &'static str,
+    /// Iterations per test run (1 for the per-SYN cases).
+    pub repeat: u32,
+    /// Test runs averaged per trial (1, or the number of SYNs).
+    pub runs_per_trial: u32,
+    /// Mean ns per iteration, one value per trial.
+    pub ns: Vec<f64>,
+    pub summary: Summary,
+    /// The baseline this case is compared with (`empty` or `empty-once`).
+    pub baseline: Option<&'static str>,
+    /// Measured only to explain the others (which part of a new flow costs what).
+    pub diagnostic: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgCost {
+    pub cases: Vec<Case>,
+    /// Established cycle evidence: the two entries' packet counters grew by this much over all
+    /// trials, against `repeat * trials` iterations run.
+    pub established_hits: u64,
+    pub established_iterations: u64,
+    /// The frame after an even number of iterations equals the input.
+    pub established_frame_restored: bool,
+    pub syns_opened: u64,
+}
+
+impl ProgCost {
+    pub fn case(&self, id: &str) -> Option<&Case> {
+        self.cases.iter().find(|c| c.id == id)
+    }
+}
+
+fn flows_map(h: &mut Harness<'_>) -> Result<BpfHashMap<MapData, FlowKey, Flow>> {
+    // The Dataplane has no insert for conntrack entries; open its flow table by id instead.
+    let info = h.dp.program_mut().map_err(|e| anyhow!("{e}"))?.info()?;
+    for id in info.map_ids()?.unwrap_or_default() {
+        let md = MapData::from_id(id)?;
+        if md.info()?.name_as_str() == Some(names::FLOWS) {
+            return Ok(BpfHashMap::try_from(Map::from_map_data(md)?)?);
+        }
+    }
+    bail!("kpf's program has no {} map", names::FLOWS)
+}
+
+fn counter(h: &Harness<'_>, c: Counter) -> Result<u64> {
+    let all = h.dp.counters().map_err(|e| anyhow!("{e}"))?;
+    Ok(all.into_iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| v))
+}
+
+fn run(h: &mut Harness<'_>, ingress: u32, frame: &[u8], repeat: u32, want: Action) -> Result<(f64, Vec<u8>)> {
+    let o = h.run_packet(ingress, 0, frame, repeat).map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+    ensure!(
+        o.action == want as u32,
+        "kpf returned {} where {} was expected",
+        Action::name(o.action),
+        Action::name(want as u32)
+    );
+    Ok((o.duration.as_nanos() as f64, o.output))
+}
+
+/// Opens `conn` with a real handshake (SYN, SYN-ACK, ACK, each run once) and returns its
+/// Original key and entry, now established.
+fn open_established(h: &mut Harness<'_>, conn: &Conn) -> Result<(FlowKey, Flow)> {
+    let (c0, b0) = (h.ifaces.c0, h.ifaces.b0);
+    run(h, c0, &conn.c2f(SYN).bytes(), 1, Action::Redirect).context("SYN")?;
+    let key = conn.client_key();
+    let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
+    let orig = flows.iter().find(|(k, _)| *k == key).map(|(_, f)| *f).context("no Original entry after the SYN")?;
+    let snat = wire::to_port(orig.nat.src_port);
+    let synack = Tcp4::new(BACKEND_A_MAC, B0_MAC, conn.backend, SocketAddrV4::new(GW_B, snat), SYN | ACK)
+        .with(|p| p.seq = 5000)
+        .bytes();
+    run(h, b0, &synack, 1, Action::Redirect).context("SYN-ACK")?;
+    run(h, c0, &conn.c2f(ACK).with(|p| p.seq = 1001).bytes(), 1, Action::Redirect).context("ACK")?;
+    let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
+    let orig = flows.into_iter().find(|(k, _)| *k == key).map(|(_, f)| f).context("Original entry vanished")?;
+    ensure!(orig.state == State::Established as u8, "connection state {} after the handshake", orig.state);
+    Ok((key, orig))
+}
+
+fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
+    let repeat = (o.repeat.max(2) + 1) & !1;
+    let c0 = h.ifaces.c0;
+    let empty = RawXdp::pass()?;
+    let lookup = RawXdp::lru_lookup(2048)?;
+
+    // Unmapped: a segment to a gateway port no frontend maps.
+    let unmapped = Tcp4::new(
+        fixture_support::CLIENT_MAC,
+        fixture_support::C0_MAC,
+        SocketAddrV4::new(fixture_support::CLIENT, 50001),
+        SocketAddrV4::new(GW_C, 9999),
+        ACK,
+    )
+    .bytes();
+
+    // Diagnostic: a SYN to *:9096, whose backend has a route but no neighbour entry: the
+    // frontend lookups, the locality FIB lookup and the backend FIB lookup run, then it is
+    // dropped (frame untouched), so it repeats like the unmapped case.
+    let no_neigh = Tcp4::new(
+        fixture_support::CLIENT_MAC,
+        fixture_support::C0_MAC,
+        SocketAddrV4::new(fixture_support::CLIENT, 50002),
+        SocketAddrV4::new(GW_C, 9096),
+        SYN,
+    )
+    .bytes();
+
+    // Established: a real connection through *:9093 plus the bench-only return entry.
+    let conn = Conn::to_a("bench", 50000);
+    let (x_key, x) = open_established(h, &conn)?;
+    let y_key = FlowKey::tcp(x.nat.src_addr, x.nat.src_port, x.nat.dst_addr, x.nat.dst_port);
+    // Same egress (a devmap redirect to b0) as X, but the MACs of the client's frame, so that
+    // the frame after X then Y is byte for byte the input again.
+    let y = Flow {
+        nat: Nat::new(&y_key, x_key.src_addr, x_key.src_port, x_key.dst_addr, x_key.dst_port),
+        next_hop: NextHop { src_mac: fixture_support::CLIENT_MAC, dst_mac: fixture_support::C0_MAC, ..x.next_hop },
+        packets: 0,
+        bytes: 0,
+        ..x
+    };
+    flows_map(h)?.insert(y_key, y, 0).context("inserting the return entry")?;
+    let reply_key = FlowKey::reply_of(&x.nat);
+    let data = conn.c2f(ACK | PSH).with(|p| {
+        p.seq = 1001;
+        p.payload = vec![0x5a; 64];
+    });
+    let established = data.bytes();
+    let packets = |h: &Harness<'_>| -> Result<u64> {
+        let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
+        Ok(flows.iter().filter(|(k, _)| *k == x_key || *k == y_key).map(|(_, f)| f.packets).sum())
+    };
+
+    // Frees the table (and SNAT ports) after a batch of SYNs; keeps the established pair.
+    let clear = |h: &mut Harness<'_>| -> Result<()> {
+        for (k, _) in h.dp.flows().map_err(|e| anyhow!("{e}"))? {
+            if k != x_key && k != y_key && k != reply_key {
+                h.dp.remove_flow(&k).map_err(|e| anyhow!("{e}"))?;
+            }
+        }
+        Ok(())
+    };
+
+    let ctx = xdp_md(established.len(), c0);
+    let (mut e_ns, mut u_ns, mut est_ns, mut e1_ns, mut syn_ns) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut nn_ns, mut exact_ns, mut lookup_ns) = (vec![], vec![], vec![]);
+    let (mut hits, mut restored, mut opened) = (0u64, true, 0u64);
+    let mut next_port: u32 = 1024;
+    for trial in 0..o.trials {
+        proc::check_interrupted()?;
+        let r = empty.test_run(&established, &ctx, repeat)?;
+        ensure!(r.retval == 2, "the empty program returned {}", r.retval);
+        e_ns.push(r.duration_ns as f64);
+        let r = lookup.test_run(&established, &ctx, repeat)?;
+        ensure!(r.retval == 2, "the lookup program returned {}", r.retval);
+        lookup_ns.push(r.duration_ns as f64);
+
+        let before = counter(h, Counter::PassNotOurs)?;
+        let (ns, out) = run(h, c0, &unmapped, repeat, Action::Pass)?;
+        ensure!(out == unmapped, "the unmapped frame was changed");
+        ensure!(counter(h, Counter::PassNotOurs)? - before == repeat as u64, "not every unmapped run passed");
+        u_ns.push(ns);
+
+        let before = counter(h, Counter::DropFibNoNeigh)?;
+        let (ns, out) = run(h, c0, &no_neigh, repeat, Action::Drop)?;
+        ensure!(out == no_neigh, "the dropped SYN was changed");
+        ensure!(
+            counter(h, Counter::DropFibNoNeigh)? - before == repeat as u64,
+            "not every no-neighbour SYN was dropped"
+        );
+        nn_ns.push(ns);
+
+        let before = packets(h)?;
+        let (ns, out) = run(h, c0, &established, repeat, Action::Redirect)?;
+        hits += packets(h)? - before;
+        if out != established {
+            restored = false;
+            let at = out.iter().zip(&established).position(|(a, b)| a != b).unwrap_or(out.len().min(established.len()));
+            eprintln!(
+                "[prog] note: the established frame differs from the input after {repeat} runs, first at byte {at}"
+            );
+        }
+        est_ns.push(ns);
+
+        // New flows, and the empty program as many times with repeat = 1.
+        let mut once = 0.0;
+        for _ in 0..o.syns {
+            once += empty.test_run(&established, &ctx, 1)?.duration_ns as f64;
+        }
+        e1_ns.push(once / o.syns as f64);
+        let before = counter(h, Counter::NewFlows)?;
+        let mut total = 0.0;
+        for _ in 0..o.syns {
+            // Distinct client ports (cycling through 1024..=65535 across trials).
+            let mut port = (next_port % 64512 + 1024) as u16;
+            next_port += 1;
+            if port == conn.client.port() {
+                port = (next_port % 64512 + 1024) as u16;
+                next_port += 1;
+            }
+            let syn = Conn::to_a("syn", port).c2f(SYN).bytes();
+            total += run(h, c0, &syn, 1, Action::Redirect)
+                .with_context(|| format!("trial {trial}: SYN from port {port}"))?
+                .0;
+        }
+        let new = counter(h, Counter::NewFlows)? - before;
+        ensure!(new == o.syns as u64, "{new} of {} SYNs opened a flow", o.syns);
+        opened += new;
+        syn_ns.push(total / o.syns as f64);
+        clear(h)?;
+        // The same through the address-specific frontend 10.0.0.1:9094 (no locality lookup).
+        let mut total = 0.0;
+        for i in 0..o.syns {
+            let syn = Conn::to_b("syn-exact", 1024 + i as u16).c2f(SYN).bytes();
+            total += run(h, c0, &syn, 1, Action::Redirect).with_context(|| format!("trial {trial}: SYN to 9094"))?.0;
+        }
+        exact_ns.push(total / o.syns as f64);
+        clear(h)?;
+    }
+    ensure!(
+        hits == repeat as u64 * o.trials as u64,
+        "established cycle: {hits} established hits for {} iterations",
+        repeat as u64 * o.trials as u64
+    );
+
+    let case = |id, label, repeat, runs_per_trial, ns: Vec<f64>, baseline| Case {
+        id,
+        label,
+        repeat,
+        runs_per_trial,
+        summary: summarize(&ns).expect("at least one trial"),
+        ns,
+        baseline,
+        diagnostic: false,
+    };
+    let diagnostic = |c: Case| Case { diagnostic: true, ..c };
+    Ok(ProgCost {
+        cases: vec![
+            case("empty", "empty XDP program (XDP_PASS)", repeat, 1, e_ns, None),
+            diagnostic(case(
+                "one-lookup",
+                "one LRU hash lookup (hit), conntrack-shaped map, then XDP_PASS",
+                repeat,
+                1,
+                lookup_ns,
+                Some("empty"),
+            )),
+            case("unmapped", "kpf: unmapped packet, passed to the kernel", repeat, 1, u_ns, Some("empty")),
+            case("established", "kpf: established flow, rewritten and redirected", repeat, 1, est_ns, Some("empty")),
+            case("empty-once", "empty XDP program, one run per test run", 1, o.syns, e1_ns, None),
+            case(
+                "new-flow",
+                "kpf: new flow (SYN: FIB lookup, SNAT port, 2 half-open entries)",
+                1,
+                o.syns,
+                syn_ns,
+                Some("empty-once"),
+            ),
+            diagnostic(case(
+                "syn-no-neighbour",
+                "kpf: SYN dropped after both FIB lookups (backend has no neighbour)",
+                repeat,
+                1,
+                nn_ns,
+                Some("empty"),
+            )),
+            diagnostic(case(
+                "new-flow-exact",
+                "kpf: new flow via an address-specific frontend (no locality lookup)",
+                1,
+                o.syns,
+                exact_ns,
+                Some("empty-once"),
+            )),
+        ],
+        established_hits: hits,
+        established_iterations: repeat as u64 * o.trials as u64,
+        established_frame_restored: restored,
+        syns_opened: opened,
+    })
+}
+
+/// Builds the fixture topology, measures, and removes it.
+pub fn measure(o: Options) -> Result<ProgCost> {
+    let topo = Topology::new().map_err(|e| anyhow!("building the fixture topology: {e}"))?;
+    topo.run(|h| measure_in(h, o)).map_err(|e| anyhow!("loading kpf's program: {e}"))?
+}

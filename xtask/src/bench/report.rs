@@ -1,0 +1,311 @@
+//! results.json (everything, every repetition) and results.md (the table, the targets, how it
+//! was measured).
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    results::{METRICS, Metric, PathResult, Results, Summary},
+    throughput,
+    topo::{FEATURES, LATENCY_CPU},
+};
+
+pub fn write_json(r: &Results, dir: &Path) -> Result<()> {
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(r)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn write_markdown(r: &Results, dir: &Path) -> Result<String> {
+    let md = markdown(r);
+    let path = dir.join("results.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(md)
+}
+
+fn num(v: f64, decimals: usize) -> String {
+    format!("{v:.decimals$}")
+}
+
+fn cell(s: Option<&Summary>, decimals: usize) -> String {
+    match s {
+        None => "—".into(),
+        Some(s) if s.n == 1 => num(s.median, decimals),
+        Some(s) => format!("{} [{}–{}]", num(s.median, decimals), num(s.min, decimals), num(s.max, decimals)),
+    }
+}
+
+/// The metrics the ratio columns show, with short names.
+const RATIO_METRICS: [(&str, &str); 5] = [
+    ("bulk_fwd_gbit_s", "→"),
+    ("bulk_rev_gbit_s", "←"),
+    ("rtt_p50_us", "RTT"),
+    ("conns_per_s", "conn/s"),
+    ("cpu_s_per_gb", "CPU/GB"),
+];
+
+fn ratios(p: &PathResult, reference: Option<&PathResult>) -> String {
+    let Some(reference) = reference else { return "n/a".into() };
+    if reference.id == p.id {
+        return "(reference)".into();
+    }
+    let parts: Vec<String> = RATIO_METRICS
+        .iter()
+        .filter_map(|(key, short)| {
+            let (a, b) = (p.median(key)?, reference.median(key)?);
+            (b > 0.0).then(|| format!("{short} {:.2}", a / b))
+        })
+        .collect();
+    if parts.is_empty() { "n/a".into() } else { parts.join(" · ") }
+}
+
+/// The main table: rows = paths, columns = metrics as median [min–max], then ratios.
+pub fn table(r: &Results) -> String {
+    let mut s = String::new();
+    let headers: Vec<&str> = METRICS.iter().map(|m| m.header).collect();
+    let _ = writeln!(s, "| path | {} | vs plain routing | vs nftables |", headers.join(" | "));
+    let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(METRICS.len()));
+    let (routing, nft) = (r.path("routing"), r.path("nftables"));
+    for p in &r.paths {
+        let cells: Vec<String> = METRICS.iter().map(|m: &Metric| cell(p.summary.get(m.key), m.decimals)).collect();
+        let _ = writeln!(s, "| {} | {} | {} | {} |", p.label, cells.join(" | "), ratios(p, routing), ratios(p, nft));
+    }
+    s
+}
+
+fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "# kpf benchmark{}\n",
+        if r.run.smoke { " (smoke run: tiny durations, numbers meaningless)" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "{} · {} ({} cores, {} GiB) · Linux {} · {} repetition(s), interleaved ({}), {} s per measurement, \
+         {:.0} s in all\n",
+        r.date,
+        m.cpu_model,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        r.run.repetitions,
+        r.run.paths.join(" → "),
+        r.run.seconds_per_measurement,
+        r.run.wall_seconds
+    );
+    if !r.errors.is_empty() {
+        let _ = writeln!(
+            s,
+            "**This run had errors; see [Errors](#errors). Missing cells are measurements that failed.**\n"
+        );
+    }
+
+    let _ = writeln!(s, "## Results\n");
+    let _ = writeln!(
+        s,
+        "Median [min–max] over the repetitions. Ratio columns: the path's median ÷ the reference's median \
+         (→/← bulk and conn/s: higher is better; RTT and CPU/GB: lower is better).\n"
+    );
+    s += &table(r);
+
+    let _ = writeln!(s, "\n## Targets\n");
+    let _ = writeln!(s, "| goal | path | measured (medians) | verdict |\n|---|---|---|---|");
+    for t in &r.targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not judged",
+        };
+        let _ = writeln!(s, "| {} | {} | {} | {verdict} |", t.goal, t.path.unwrap_or("—"), t.measured);
+    }
+
+    let _ = writeln!(s, "\n## Per-packet program cost (BPF_PROG_TEST_RUN)\n");
+    match &r.prog_cost {
+        None => {
+            let _ = writeln!(s, "Not measured (see errors).");
+        }
+        Some(p) => {
+            let _ = writeln!(
+                s,
+                "kpf's XDP program (as `kpf run` loads it) in the fixture topology of \
+                 `kpf-userspace/tests/fixture_support`, and an empty XDP program (`return XDP_PASS`, \
+                 loaded with raw bpf(2)) run the same way in the same process; {} interleaved trials, \
+                 median [min–max] of the kernel-reported mean ns per run.\n",
+                r.run.prog_trials
+            );
+            let _ = writeln!(s, "| case | repeat × runs | ns per run | minus baseline |\n|---|---|---|---|");
+            for c in &p.cases {
+                let base = c.baseline.and_then(|b| p.case(b));
+                let minus = base.map_or_else(
+                    || "(baseline)".into(),
+                    |b| format!("{:+.1} ns vs {}", c.summary.median - b.summary.median, b.id),
+                );
+                let label = if c.diagnostic { format!("*{}* (diagnostic)", c.label) } else { c.label.to_string() };
+                let _ = writeln!(
+                    s,
+                    "| {label} | {} × {} | {} | {minus} |",
+                    c.repeat,
+                    c.runs_per_trial,
+                    cell(Some(&c.summary), 1)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nHow: with `repeat > 1` the kernel runs the program again on the frame the previous \
+                 iteration left (there is no reset between iterations). *Unmapped* frames pass untouched, \
+                 so `repeat` is used as is. For the *established* case the bench opens a real connection \
+                 (SYN, SYN-ACK, ACK through the program), then inserts, through the program's conntrack \
+                 map, a second established entry keyed by the *rewritten* tuple (gateway:snat → \
+                 backend) whose rewrite maps it back to client → frontend. Each iteration is then an \
+                 established-path hit (lookup, NAT with checksum deltas, MACs, devmap redirect), \
+                 alternating between the two entries: their packet counters grew by {} over {} \
+                 iterations, and the frame after each even-length run equals the input ({}). *New flows* \
+                 create state, so each of {} distinct SYNs per trial ({} in all) runs once \
+                 (`repeat = 1`) and the kernel-reported durations are averaged; the empty program is \
+                 run as many times with `repeat = 1` for comparison, since a single run also carries \
+                 the test-run timer's overhead (a single run also starts with colder caches than the \
+                 tight loops of the other cases). The *diagnostic* rows split the cost up: one LRU \
+                 hash lookup in a map shaped like kpf's conntrack table prices a map operation on this \
+                 machine; a SYN whose backend has no neighbour entry runs the frontend lookups and both \
+                 FIB lookups (the wildcard frontend's locality check and the route to the backend) and \
+                 is dropped, so it repeats; a new flow through an address-specific frontend skips the \
+                 locality lookup.",
+                p.established_hits,
+                p.established_iterations,
+                if p.established_frame_restored {
+                    "checked"
+                } else {
+                    "it was NOT: the rewrite is not its own inverse here"
+                },
+                r.run.prog_syns,
+                p.syns_opened
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\n## Paths\n");
+    for p in &r.paths {
+        let desc = super::paths::by_id(p.id).map_or(p.description, |x| x.description);
+        let _ = writeln!(s, "- **{}** (`{}`): {desc}", p.label, p.id);
+    }
+    let _ = writeln!(s, "\nIPVS: {}; so there is no IPVS path.", r.machine.ipvs);
+
+    let _ = writeln!(s, "\n## Method\n");
+    let _ = writeln!(
+        s,
+        "- Topology: the harness's two-NIC network (`kpf_tests::topology::TwoNic`), built once for the \
+         whole run: client 10.100.1.10 ── gateway eth0 10.100.1.1 | eth1 10.100.2.1 ── bridge ── \
+         b1 10.100.2.21 (iperf3 :5201), b2 .22 (sockperf :11111), b3 .23 (1-byte echo :7000). \
+         Each frontend port on 10.100.1.1 maps to the same port on its backend.\n\
+         - Interleaving: each repetition runs every path in turn, setting it up and tearing it \
+         down (nft table deleted, HAProxy or kpf stopped), so paths never overlap and slow drifts \
+         of the machine spread over all paths.\n\
+         - Bulk: `iperf3 -c -P {} -t {} -J` (and `-R`), receiver-side goodput, against a one-off \
+         `iperf3 -s` on b1.\n\
+         - Latency: `sockperf ping-pong --tcp --full-rtt -t {}` (one connection, one message in \
+         flight; sockperf first sends warm-up messages for 2 s, then discards the test's first 400 ms), \
+         against `sockperf server --tcp` on b2, both pinned to CPU {}: unpinned, the two ends landed on \
+         one or on two CPUs from run to run and a cross-CPU wakeup of an idle vCPU costs ~20 µs here, \
+         which made every path's RTT bimodal (~20 or ~60 µs). Pinned, the RTT is the sum of the work \
+         along the path (the gateway's softirq work runs on that CPU too); HAProxy's own threads are \
+         not pinned, so its RTT includes whatever cross-CPU wakeups its placement costs.\n\
+         - Connection rate: {} client threads (Rust, in the client namespace), each looping connect / \
+         send 1 byte / read 1 byte / close for {} s, against a 1-byte echo server on b3 \
+         (`kpf_tests::byte_echo`, 16 worker threads); the rate counts connections completed within the \
+         window. Client and gateway have `tcp_tw_reuse=1` and ports 1024–65535; the gateway reserves 40000–59999 (kpf's SNAT range) for every path.\n\
+         - CPU: machine-wide busy time from /proc/stat (user + system + irq + softirq + steal; \
+         `nice` excluded so niced background jobs do not count) over each bulk and connection-rate \
+         measurement, per GB moved (both bulk directions together) and per 1000 connections.",
+        throughput::STREAMS,
+        r.run.seconds_per_measurement,
+        r.run.seconds_per_measurement,
+        LATENCY_CPU,
+        r.run.connrate_threads,
+        r.run.seconds_per_measurement,
+    );
+    let tools: Vec<String> = r.tools.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let _ = writeln!(s, "- Tools: {}.", tools.join("; "));
+
+    let _ = writeln!(s, "\n## Endpoint and gateway settings\n");
+    let _ = writeln!(
+        s,
+        "Read back with `ethtool -k`, `ip link` and `tc qdisc` before the first path; the same for every \
+         path (re-read at each path's start and compared). Endpoints compute and verify checksums in \
+         software (tx/rx checksum offload off, hence no TSO/GSO), because native veth XDP loses \
+         CHECKSUM_PARTIAL; the gateway interfaces and bridge ports keep `rx off` so nothing on the way \
+         marks a packet as verified.\n"
+    );
+    let _ = writeln!(s, "| interface | MTU | qdisc | {} |", FEATURES.join(" | "));
+    let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(FEATURES.len()));
+    for i in &r.settings {
+        let f: Vec<&str> = FEATURES.iter().map(|f| i.feature(f)).collect();
+        let _ = writeln!(
+            s,
+            "| {} {}{} | {} | {} | {} |",
+            i.role,
+            i.dev,
+            if i.endpoint { " (endpoint)" } else { "" },
+            i.mtu,
+            i.qdisc,
+            f.join(" | ")
+        );
+    }
+
+    let kpf_paths: Vec<&PathResult> =
+        r.paths.iter().filter(|p| p.reps.iter().any(|x| x.kpf_counters.is_some())).collect();
+    if !kpf_paths.is_empty() {
+        let _ = writeln!(s, "\n## kpf counters at exit (non-zero)\n");
+        for p in kpf_paths {
+            for rep in &p.reps {
+                if let Some(c) = &rep.kpf_counters {
+                    let nz: Vec<String> = c.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+                    let _ = writeln!(
+                        s,
+                        "- {} rep {}: {}",
+                        p.id,
+                        rep.rep,
+                        if nz.is_empty() { "all zero".into() } else { nz.join(" ") }
+                    );
+                }
+            }
+        }
+    }
+
+    let mut warnings = Vec::new();
+    for p in &r.paths {
+        for rep in &p.reps {
+            for w in &rep.warnings {
+                warnings.push(format!("{} rep {}: {w}", p.id, rep.rep));
+            }
+            if let Some(c) = &rep.connrate
+                && (c.errors > 0 || c.slow > 0)
+            {
+                warnings.push(format!(
+                    "{} rep {}: connection rate: {} failed and {} slow (>500 ms, a lost SYN) of {} connections{}",
+                    p.id,
+                    rep.rep,
+                    c.errors,
+                    c.slow,
+                    c.conns_total,
+                    c.first_error.as_ref().map_or(String::new(), |e| format!("; first error: {e}"))
+                ));
+            }
+        }
+    }
+    if !warnings.is_empty() || !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+        for n in r.notes.iter().chain(&warnings) {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    if !r.errors.is_empty() {
+        let _ = writeln!(s, "\n## Errors\n");
+        for e in &r.errors {
+            let _ = writeln!(s, "- {}", e.replace('\n', " "));
+        }
+    }
+    s
+}
