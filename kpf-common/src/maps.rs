@@ -281,9 +281,12 @@ pub enum Counter {
     PassBackendDraining,
     /// ICMP errors about a forwarded connection, translated and sent to its other side.
     IcmpTranslated,
+    /// New connections that took the SNAT port of a connection that had ended (closed, reset or
+    /// expired) because every probed port was in use.
+    SnatReclaimed,
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -303,6 +306,7 @@ impl Counter {
         Counter::DropNoHealthyBackend,
         Counter::PassBackendDraining,
         Counter::IcmpTranslated,
+        Counter::SnatReclaimed,
     ];
 
     /// Stable snake_case name, used in `kpf status` and metrics.
@@ -324,6 +328,7 @@ impl Counter {
             Counter::DropNoHealthyBackend => "drop_no_healthy_backend",
             Counter::PassBackendDraining => "pass_backend_draining",
             Counter::IcmpTranslated => "icmp_translated",
+            Counter::SnatReclaimed => "snat_reclaimed",
         }
     }
 }

@@ -148,6 +148,18 @@ pub const fn may_change(state: State, flags: u8) -> bool {
     flags & (SYN | FIN | RST) != 0 || matches!(state, State::SynAcked)
 }
 
+/// How long a closed or reset connection keeps its SNAT port against reuse by a new one: long
+/// enough for the last ACK or retransmitted FIN in flight to arrive.
+pub const RECLAIM_GRACE_NS: u64 = 2 * SEC;
+
+/// Whether a connection's SNAT port may go to a new connection when no free port is found: it
+/// has ended (both FINs or an RST, and quiet for the grace period) or expired.
+#[inline(always)]
+pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    let ended = matches!(State::from_u8(state), Some(State::Closing | State::Reset));
+    (ended && now_ns.saturating_sub(last_seen_ns) > RECLAIM_GRACE_NS) || expired(timeouts_ns, state, last_seen_ns, now_ns)
+}
+
 /// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
 #[inline(always)]
 pub const fn expired(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
@@ -246,6 +258,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_ended_or_expired_connections_give_up_their_port() {
+        let t = DEFAULT_TIMEOUTS_NS;
+        let closing = State::Closing as u8;
+        assert!(!reclaimable(&t, closing, 0, SEC), "a just-closed connection keeps its port");
+        assert!(reclaimable(&t, closing, 0, 3 * SEC));
+        assert!(reclaimable(&t, State::Reset as u8, 0, 3 * SEC));
+        assert!(!reclaimable(&t, State::Established as u8, 0, 3600 * SEC), "a quiet open connection keeps it");
+        assert!(reclaimable(&t, State::Established as u8, 0, 7441 * SEC), "an expired one does not");
+        assert!(!reclaimable(&t, State::FinFromClient as u8, 0, 60 * SEC), "half-closed is still open");
     }
 
     #[test]

@@ -93,8 +93,10 @@ fn frontend(ctx: &XdpContext, key: &FlowKey) -> Option<Frontend> {
 /// function, rarely called: its FIB parameter block stays off the forwarding path's stack.
 #[inline(never)]
 fn refresh_next_hop(ctx: &XdpContext, flow: &mut Flow, fib_gen: u32) {
-    match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr, fib_gen) {
-        Ok((nh, src)) if src == flow.nat.src_addr && forward::can_send(ctx, nh.ifindex) => flow.next_hop = nh,
+    match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr) {
+        Ok(p) if forward::source(p) == flow.nat.src_addr && forward::can_send(ctx, p.ifindex) => {
+            forward::store(p, &mut flow.next_hop, fib_gen)
+        }
         // The source address toward the backend would change (this connection cannot follow the
         // new route), or the route or neighbour is gone for now: keep the old next hop rather
         // than drop an established connection; the next routing change retries.
@@ -230,24 +232,27 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
         return Ok(pass(Counter::PassBackendDraining));
     };
     let ingress = ctx.ingress_ifindex() as u32;
-    let (to_backend, gw_addr) = forward::lookup(ctx, ingress, be.addr, cfg.fib_gen)?;
-    if !forward::can_send(ctx, to_backend.ifindex) {
+    let fib = forward::lookup(ctx, ingress, be.addr)?;
+    let gw_addr = forward::source(fib);
+    if !forward::can_send(ctx, fib.ifindex) {
         return Err(Counter::DropEgressNotAttached);
     }
-    if pkt.vlan && to_backend.ifindex != ingress {
+    if pkt.vlan && fib.ifindex != ingress {
         return Err(Counter::DropVlanEgress);
     }
-    // Replies go back the way the SYN came: out the same interface, to the MAC that sent it.
-    // SAFETY: parse bounds-checked the Ethernet header.
-    let eth = unsafe { &*pkt.eth };
-    let to_client = NextHop { ifindex: ingress, src_mac: eth.dst_addr, dst_mac: eth.src_addr, fib_gen: cfg.fib_gen };
 
     let k = &pkt.key;
     // Both entries are assembled in the per-CPU scratch slot, field by field, not on the stack.
     let slot = SCRATCH.get_ptr_mut(0).ok_or(Counter::DropFlowTableFull)?;
     // SAFETY: this CPU's slot; nothing else touches it while the program runs here.
     let f = unsafe { &mut *slot };
-    f.next_hop = to_client;
+    // Replies go back the way the SYN came: out the same interface, to the MAC that sent it.
+    // SAFETY: parse bounds-checked the Ethernet header.
+    let eth = unsafe { &*pkt.eth };
+    f.next_hop.ifindex = ingress;
+    f.next_hop.src_mac = eth.dst_addr;
+    f.next_hop.dst_mac = eth.src_addr;
+    f.next_hop.fib_gen = cfg.fib_gen;
     f.created_ns = now;
     f.last_seen_ns = now;
     f.packets = 0;
@@ -262,11 +267,19 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
+    // The first probed port whose connection has ended, and whether the established table holds
+    // it: used only if no probed port is free.
+    let mut ended: Option<(u16, bool)> = None;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
         // A port is taken if an established connection or a handshake holds it.
-        if FLOWS.get_ptr(&reply_key).is_some() {
+        if let Some(old) = FLOWS.get_ptr(&reply_key) {
+            // SAFETY: a live map value, read only.
+            let old = unsafe { &*old };
+            if ended.is_none() && tcp::reclaimable(&cfg.timeouts_ns, old.state, old.last_seen_ns, now) {
+                ended = Some((port, true));
+            }
             continue;
         }
         f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
@@ -274,11 +287,37 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
             claimed = Some(port);
             break;
         }
+        if ended.is_none()
+            && let Some(old) = HALF_OPEN.get_ptr(&reply_key)
+        {
+            // SAFETY: a live map value, read only.
+            let old = unsafe { &*old };
+            if tcp::reclaimable(&cfg.timeouts_ns, old.state, old.last_seen_ns, now) {
+                ended = Some((port, false));
+            }
+        }
     }
-    let port = claimed.ok_or(Counter::DropSnatExhausted)?;
+    let port = match claimed {
+        Some(p) => p,
+        None => {
+            let (port, established) = ended.ok_or(Counter::DropSnatExhausted)?;
+            let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
+            let table = if established { &FLOWS } else { &HALF_OPEN };
+            // The ended connection's two entries go; its port serves the new one.
+            if let Some(old) = table.get_ptr(&reply_key) {
+                // SAFETY: a live map value, read only.
+                let _ = table.remove(&FlowKey::reply_of(unsafe { &(*old).nat }));
+            }
+            let _ = table.remove(&reply_key);
+            f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+            HALF_OPEN.insert(&reply_key, &*f, BPF_NOEXIST as u64).map_err(|_| Counter::DropSnatExhausted)?;
+            stats::count(Counter::SnatReclaimed);
+            port
+        }
+    };
 
     f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
-    f.next_hop = to_backend;
+    forward::store(fib, &mut f.next_hop, cfg.fib_gen);
     f.packets = 1;
     f.bytes = pkt.ip_len as u64;
     f.next_seq = pkt.next_seq();
@@ -291,7 +330,7 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
     stats::traffic(fe.id, backend_id, pkt.ip_len as u64, true);
 
     rewrite(ctx, pkt, &f.nat, cfg);
-    forward::send(ctx, pkt, &to_backend)
+    forward::send(ctx, pkt, &f.next_hop)
 }
 
 #[inline(always)]

@@ -46,7 +46,9 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// no packet length is given: the MTU check would judge one packet (maybe a GRO aggregate), not
 /// the route.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, fib_gen: u32) -> Result<(NextHop, u32), Counter> {
+/// The answer stays in this CPU's parameter block (read it before the next lookup): copying it
+/// out would cost stack the new-connection path does not have.
+pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32) -> Result<&'static bpf_fib_lookup, Counter> {
     let p = params(ifindex, dst).ok_or(Counter::DropFibFailed)?;
     // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
     let rc = unsafe {
@@ -58,14 +60,26 @@ pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32, fib_gen: u32) -> Result<
         )
     };
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // SAFETY: BPF_FIB_LOOKUP_SRC filled ipv4_src on success.
-            let src = unsafe { p.__bindgen_anon_3.ipv4_src };
-            Ok((NextHop { ifindex: p.ifindex, src_mac: p.smac, dst_mac: p.dmac, fib_gen }, src))
-        }
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(p),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::DropFibNoNeigh),
         _ => Err(Counter::DropFibFailed),
     }
+}
+
+/// The source address a successful lookup chose (BPF_FIB_LOOKUP_SRC).
+#[inline(always)]
+pub fn source(p: &bpf_fib_lookup) -> u32 {
+    // SAFETY: BPF_FIB_LOOKUP_SRC filled ipv4_src on success.
+    unsafe { p.__bindgen_anon_3.ipv4_src }
+}
+
+/// Copies a successful lookup's next hop into `nh`, field by field.
+#[inline(always)]
+pub fn store(p: &bpf_fib_lookup, nh: &mut NextHop, fib_gen: u32) {
+    nh.ifindex = p.ifindex;
+    nh.src_mac = p.smac;
+    nh.dst_mac = p.dmac;
+    nh.fib_gen = fib_gen;
 }
 
 /// Whether `dst` is an address of this host (or a VIP routed to it as local, as GCP's guest agent
