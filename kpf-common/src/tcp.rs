@@ -149,8 +149,10 @@ pub const fn may_change(state: State, flags: u8) -> bool {
 }
 
 /// How long a closed or reset connection keeps its SNAT port against reuse by a new one: long
-/// enough for the last ACK or retransmitted FIN in flight to arrive.
-pub const RECLAIM_GRACE_NS: u64 = 2 * SEC;
+/// enough for the last ACK and the first retransmissions of a lost FIN (TCP's minimum RTO is
+/// 200 ms) to arrive. It bounds the new-connection rate toward one backend at
+/// `snat_ports` / grace when every connection is short.
+pub const RECLAIM_GRACE_NS: u64 = SEC;
 
 /// Whether a connection's SNAT port may go to a new connection when no free port is found: it
 /// has ended (both FINs or an RST, and quiet for the grace period) or expired.
@@ -264,9 +266,9 @@ mod tests {
     fn only_ended_or_expired_connections_give_up_their_port() {
         let t = DEFAULT_TIMEOUTS_NS;
         let closing = State::Closing as u8;
-        assert!(!reclaimable(&t, closing, 0, SEC), "a just-closed connection keeps its port");
-        assert!(reclaimable(&t, closing, 0, 3 * SEC));
-        assert!(reclaimable(&t, State::Reset as u8, 0, 3 * SEC));
+        assert!(!reclaimable(&t, closing, 0, SEC / 2), "a just-closed connection keeps its port");
+        assert!(reclaimable(&t, closing, 0, 2 * SEC));
+        assert!(reclaimable(&t, State::Reset as u8, 0, 2 * SEC));
         assert!(!reclaimable(&t, State::Established as u8, 0, 3600 * SEC), "a quiet open connection keeps it");
         assert!(reclaimable(&t, State::Established as u8, 0, 7441 * SEC), "an expired one does not");
         assert!(!reclaimable(&t, State::FinFromClient as u8, 0, 60 * SEC), "half-closed is still open");
