@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key};
 use kpf_common::{
-    AllowKey, Backend, Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey, NextHop,
+    AllowKey, Backend, Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey,
     nat::{self, L4Csum, Nat},
     select, snat,
     tcp::{self, State},
@@ -16,7 +16,7 @@ use kpf_common::{
 
 use crate::{
     forward,
-    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, IFACES, MAGLEV, SCRATCH},
+    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, IFACES, LOCAL_ADDRS, MAGLEV, SCRATCH},
     parse::{self, Packet, Parsed},
     stats,
 };
@@ -59,7 +59,7 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
         }
     }
 
-    let Some(fe) = frontend(ctx, &pkt.key) else {
+    let Some(fe) = frontend(&pkt.key) else {
         return Ok(pass(Counter::PassNotOurs));
     };
     if !tcp::is_new_connection(pkt.flags) {
@@ -77,16 +77,17 @@ fn pass(reason: Counter) -> u32 {
 
 /// The frontend a packet without a connection is addressed to: its exact address and port, or
 /// the port on any *local* address. The locality check keeps a wildcard frontend from capturing
-/// traffic merely routed through the gateway; it costs a FIB lookup, so it runs last.
+/// traffic merely routed through the gateway.
 #[inline(always)]
-fn frontend(ctx: &XdpContext, key: &FlowKey) -> Option<Frontend> {
+fn frontend(key: &FlowKey) -> Option<Frontend> {
     // SAFETY: Frontend is Copy plain data; copied out at once.
     if let Some(fe) = unsafe { FRONTENDS.get(FrontendKey::tcp(key.dst_addr, key.dst_port)) } {
         return Some(*fe);
     }
     // SAFETY: as above.
     let fe = unsafe { *FRONTENDS.get(FrontendKey::tcp(0, key.dst_port))? };
-    forward::is_local(ctx, ctx.ingress_ifindex() as u32, key.dst_addr).then_some(fe)
+    // SAFETY: plain data, only tested for presence.
+    unsafe { LOCAL_ADDRS.get(key.dst_addr) }.is_some().then_some(fe)
 }
 
 /// A route or neighbour changed since `flow` looked up its next hop: look again. A separate BPF

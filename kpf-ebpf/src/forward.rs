@@ -1,7 +1,7 @@
 //! Next-hop lookup and transmission.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
@@ -37,7 +37,6 @@ fn params(ifindex: u32, dst: u32) -> Option<&'static mut bpf_fib_lookup> {
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// Routes `dst` as the kernel would forward a packet that arrived on `ifindex`: the egress
@@ -80,24 +79,6 @@ pub fn store(p: &bpf_fib_lookup, nh: &mut NextHop, fib_gen: u32) {
     nh.src_mac = p.smac;
     nh.dst_mac = p.dmac;
     nh.fib_gen = fib_gen;
-}
-
-/// Whether `dst` is an address of this host (or a VIP routed to it as local, as GCP's guest agent
-/// does for internal load balancers): the kernel's FIB will not forward to it. A separate BPF
-/// function: its parameter block stays off the forwarding path's stack.
-#[inline(never)]
-pub fn is_local(ctx: &XdpContext, ifindex: u32, dst: u32) -> bool {
-    let Some(p) = params(ifindex, dst) else { return false };
-    // SAFETY: as in `lookup`. SKIP_NEIGH: only the route type matters here.
-    let rc = unsafe {
-        fib_lookup_helper(
-            ctx.ctx as *mut _,
-            &mut *p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED
 }
 
 /// Whether `ifindex` is an interface this program can send out of.

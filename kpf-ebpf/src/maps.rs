@@ -1,7 +1,7 @@
 //! The program's maps. Sizes here are defaults; the daemon sets the flow table size at load time.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -22,19 +22,25 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "KPF_MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_TABLES * MAGLEV_SIZE, 0);
 
+/// The gateway's local addresses (wire order; value unused), kept by the daemon: what a
+/// wildcard frontend (`*:port`) answers on.
+#[map(name = "KPF_LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(kpf_common::MAX_LOCAL_ADDRS, 0);
+
 /// Source allowlists of every frontend that has one (value unused).
 #[map(name = "KPF_ALLOW")]
 pub static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
 
 /// Conntrack: one entry per direction of each connection, keyed by the packet as it arrives.
-/// Only connections whose client completed the handshake live here.
+/// Only connections whose client completed the handshake live here. Per-CPU LRU lists: an insert
+/// takes no lock shared by all CPUs (the table is still one; only eviction order is per CPU).
 #[map(name = "KPF_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
 
 /// Connections still in their handshake. Kept apart so that a flood of SYNs (which never
 /// complete) can only evict each other, never an established connection.
 #[map(name = "KPF_HALF_OPEN")]
-pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, 0);
+pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "KPF_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -203,6 +203,7 @@ impl Daemon {
             started: Instant::now(),
         };
         d.dp.set_kernel_config(&d.kernel)?;
+        d.refresh_local_addrs()?;
         if adopting {
             d.adopt_ids()?;
         }
@@ -278,6 +279,18 @@ impl Daemon {
             self.resolve(&fresh, NEIGH_CHANGE_WAIT);
         }
         Ok(plan)
+    }
+
+    /// Keeps the kernel's list of the gateway's own addresses (where wildcard frontends answer)
+    /// equal to the interfaces' addresses plus single-address `local` routes.
+    fn refresh_local_addrs(&mut self) -> Result<()> {
+        let mut addrs: std::collections::BTreeSet<Ipv4Addr> = local_addresses()?.into_iter().collect();
+        match neigh::local_routes() {
+            Ok(r) => addrs.extend(r),
+            Err(e) => log::warn!("local routes: {e}"),
+        }
+        addrs.retain(|a| !a.is_loopback());
+        self.dp.set_local_addrs(&addrs)
     }
 
     fn backend_ips(&self) -> Vec<Ipv4Addr> {
@@ -595,7 +608,12 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
             },
             _ = usr1.recv() => log_counters(&d),
             _ = gc_tick.tick() => d.collect_garbage(),
-            _ = neigh_tick.tick() => d.refresh_next_hops(false),
+            _ = neigh_tick.tick() => {
+                d.refresh_next_hops(false);
+                if let Err(e) = d.refresh_local_addrs() {
+                    log::warn!("refreshing local addresses: {e}");
+                }
+            }
             _ = drain_tick.tick() => d.expire_drains(),
             Some(outcome) = health_rx.recv() => d.on_health(outcome),
             Some(server::Call { request, uid, reply, written }) = incoming.recv() => {

@@ -19,8 +19,9 @@ use crate::{
 };
 
 /// Every map, for pinning.
-const MAP_NAMES: [&str; 12] = [
+const MAP_NAMES: [&str; 13] = [
     names::FRONTENDS,
+    names::LOCAL_ADDRS,
     names::HALF_OPEN,
     names::BACKENDS,
     names::MAGLEV,
@@ -284,6 +285,32 @@ impl Dataplane {
     pub fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>> {
         let m: HashMap<&MapData, FrontendKey, Frontend> = self.map(names::FRONTENDS)?;
         m.iter().collect::<Result<_, _>>().map_err(Error::map(names::FRONTENDS))
+    }
+
+    /// The local addresses wildcard frontends answer on.
+    pub fn local_addrs(&self) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
+        let m: HashMap<&MapData, u32, u8> = self.map(names::LOCAL_ADDRS)?;
+        m.keys()
+            .map(|k| k.map(kpf_common::wire::to_addr).map_err(Error::map(names::LOCAL_ADDRS)))
+            .collect()
+    }
+
+    /// Makes the local-address map hold exactly `addrs` (new ones first, so none is missing
+    /// for a moment).
+    pub fn set_local_addrs(&mut self, addrs: &std::collections::BTreeSet<Ipv4Addr>) -> Result<()> {
+        let have = self.local_addrs()?;
+        let mut m: HashMap<&mut MapData, u32, u8> = self.map_mut(names::LOCAL_ADDRS)?;
+        for a in addrs.difference(&have) {
+            m.insert(kpf_common::wire::addr(*a), 1, 0).map_err(Error::map(names::LOCAL_ADDRS))?;
+        }
+        for a in have.difference(addrs) {
+            match m.remove(&kpf_common::wire::addr(*a)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(names::LOCAL_ADDRS)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// One global counter summed over CPUs.

@@ -73,6 +73,26 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
+#[derive(Deserialize)]
+struct LocalRouteJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    dst: String,
+}
+
+/// Addresses the kernel delivers locally without their being on an interface: `local` routes of
+/// single addresses (GCP's guest agent installs internal load balancers' VIPs this way).
+pub fn local_routes() -> Result<Vec<Ipv4Addr>> {
+    let text = ip(&["-4", "-j", "route", "show", "table", "local"])?;
+    let routes: Vec<LocalRouteJson> = serde_json::from_str(&text)
+        .map_err(|e| Error::Environment(format!("unexpected `ip -j route show table local` output: {e}")))?;
+    Ok(routes
+        .into_iter()
+        .filter(|r| r.kind.as_deref() == Some("local"))
+        .filter_map(|r| r.dst.strip_suffix("/32").unwrap_or(&r.dst).parse().ok())
+        .collect())
+}
+
 pub fn route_to(backend: Ipv4Addr) -> Result<Route> {
     let text = ip(&["-j", "route", "get", &backend.to_string()])?;
     let routes: Vec<RouteJson> = serde_json::from_str(&text)

@@ -27,7 +27,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub fn layout() -> String {
     use core::mem::size_of;
     format!(
-        "v3-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
+        "v4-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
         size_of::<FlowKey>(),
         size_of::<Flow>(),
         size_of::<FrontendKey>(),
@@ -41,6 +41,7 @@ pub fn layout() -> String {
         kpf_common::MAX_BACKENDS,
         kpf_common::MAGLEV_SIZE,
         kpf_common::MAX_TABLES,
+        kpf_common::MAX_LOCAL_ADDRS,
     )
 }
 

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the project's test command. Runs, in order, stopping at the first failure:
 //! 1. unit tests that need no kernel: `kpf-common`, and the `kpf` library (config, sysctl logic),
 //! 2. `cargo build --release -p kpf` (userspace binary with the embedded XDP program),
-//! 3. as root: the BPF_PROG_TEST_RUN fixtures (`kpf --test fixtures`), then the namespace tests
-//!    (`kpf-tests`, one at a time), after sweeping namespaces a killed earlier run left behind.
+//! 3. as root: the BPF_PROG_TEST_RUN fixtures and mutation run (`kpf --test fixtures --test
+//!    mutation`), then the namespace tests (`kpf-tests`, one at a time), after sweeping namespaces
+//!    a killed earlier run left behind, then `cargo xtask bench --smoke`.
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -49,6 +50,8 @@ pub fn run(opts: Options) -> Result<()> {
             ])
             .args(&opts.test_args),
     )?;
+    // The benchmark harness, with tiny durations, so it keeps working (never the real run).
+    util::run(cargo().args(["xtask", "bench", "--smoke"]))?;
     println!("test: all passed");
     Ok(())
 }

@@ -1473,6 +1473,8 @@ impl<'a> Harness<'a> {
         let config = Config::default();
         assert_eq!((config.snat_port_min, config.snat_port_max, config.min_mtu), (SNAT_MIN, SNAT_MAX, 1500));
         dp.set_kernel_config(&config)?;
+        // What the daemon keeps there: the gateway's own addresses, where wildcard frontends answer.
+        dp.set_local_addrs(&[GW_C, GW_B, GW_X].into_iter().collect())?;
         for (addr, port, id, backend) in FRONTENDS {
             // Each frontend's one backend gets the frontend's id as its backend id.
             let flags = kpf_common::Backend::PRESENT;
