@@ -187,6 +187,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Counter> {
 
     // SAFETY: bounds checked.
     let (iph, tcph) = unsafe { (&*ip, &*tcp) };
+    // Port 0 is not a TCP endpoint: no stack sends it, so it is not forwarded (nor tracked).
+    if tcph.source == [0, 0] || tcph.dest == [0, 0] {
+        return Err(Counter::PassMalformed);
+    }
     let key = FlowKey::tcp(
         u32::from_ne_bytes(iph.src_addr),
         u16::from_ne_bytes(tcph.source),

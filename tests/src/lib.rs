@@ -16,4 +16,5 @@ pub mod streams;
 pub mod topology;
 pub mod xdp;
 pub mod routed;
+pub mod serial;
 pub mod synflood;

@@ -18,7 +18,6 @@ use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
-        Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, Instant},
@@ -44,29 +43,7 @@ const PACE: Pace = Pace { max_chunk: 8192, pause: Duration::from_millis(20) };
 /// Upper bound for anything that should happen "at once" (a stream's next rounds, a SIGHUP).
 const SOON: Duration = Duration::from_secs(10);
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Takes the serial lock and checks for root; `None` means skip.
-fn begin(name: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !is_root() {
-        eprintln!("{name}: skipped: needs root (namespaces, XDP, bpffs)");
-        return None;
-    }
-    for stale in netns::sweep_stale().expect("sweeping stale namespaces") {
-        eprintln!("removed namespace {stale} left by a killed run");
-    }
-    for stale in bpffs::sweep_stale().expect("sweeping stale bpffs mounts") {
-        eprintln!("unmounted {} left by a killed run", stale.display());
-    }
-    eprintln!("{name}:");
-    Some(guard)
-}
+use kpf_tests::serial::begin;
 
 fn step(t: &mut Instant, what: &str) {
     eprintln!("  {what}: {:.2?}", t.elapsed());

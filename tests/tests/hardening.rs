@@ -47,29 +47,7 @@ use serde_json::{Value, json};
 /// The frontend ports, mapped to b1, b2, b3.
 const PORTS: [u16; 3] = [9093, 9094, 9095];
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Takes the serial lock, checks for root and sweeps what killed runs left; `None`: skip.
-fn begin(name: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !is_root() {
-        eprintln!("{name}: skipped: needs root (namespaces, XDP)");
-        return None;
-    }
-    for stale in netns::sweep_stale().expect("sweeping stale namespaces") {
-        eprintln!("removed namespace {stale} left by a killed run");
-    }
-    for stale in bpffs::sweep_stale().expect("sweeping stale bpffs mounts") {
-        eprintln!("unmounted {} left by a killed run", stale.display());
-    }
-    eprintln!("{name}:");
-    Some(guard)
-}
+use kpf_tests::serial::begin;
 
 fn step(t: &mut Instant, what: &str) {
     eprintln!("  {what}: {:.2?}", t.elapsed());

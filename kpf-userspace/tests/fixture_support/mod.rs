@@ -366,6 +366,18 @@ pub fn tcp6_syn(src_mac: [u8; 6], dst_mac: [u8; 6], dport: u16) -> Vec<u8> {
     out
 }
 
+/// `frame` (Ethernet + IPv6) with an 8-byte hop-by-hop options header (one PadN) inserted before
+/// its transport header.
+pub fn with_hop_by_hop(mut frame: Vec<u8>) -> Vec<u8> {
+    let (l3, next) = (14, 14 + 6);
+    let transport = frame[next];
+    frame[next] = 0; // hop-by-hop
+    let len = u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) + 8;
+    frame[l3 + 4..l3 + 6].copy_from_slice(&len.to_be_bytes());
+    frame.splice(l3 + 40..l3 + 40, [transport, 0, 1, 4, 0, 0, 0, 0]);
+    frame
+}
+
 /// An ARP who-has request (hand-built: 28-byte ARP body after Ethernet).
 pub fn arp_request(src_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut out = Vec::new();
@@ -1165,6 +1177,16 @@ pub fn fixtures() -> Vec<Fixture> {
     ));
     t.push(Fixture::pass("ARP who-has 10.0.0.1", Side::Client, arp_request(CLIENT_MAC, CLIENT, GW_C), PassNotOurs));
     t.push(Fixture::pass("TCP/IPv6 SYN to port 9093", Side::Client, tcp6_syn(CLIENT_MAC, C0_MAC, 9093), PassNotOurs));
+    t.push(Fixture::pass(
+        "TCP/IPv6 SYN to port 9093 behind a hop-by-hop extension header",
+        Side::Client,
+        with_hop_by_hop(tcp6_syn(CLIENT_MAC, C0_MAC, 9093)),
+        PassNotOurs,
+    ));
+    let zero_src = Tcp4::new(CLIENT_MAC, C0_MAC, SocketAddrV4::new(CLIENT, 0), SocketAddrV4::new(GW_C, 9093), SYN);
+    t.push(Fixture::pass("SYN from source port 0 to *:9093", Side::Client, zero_src.bytes(), PassMalformed));
+    let zero_dst = Tcp4::new(CLIENT_MAC, C0_MAC, SocketAddrV4::new(CLIENT, 50900), SocketAddrV4::new(GW_C, 0), SYN);
+    t.push(Fixture::pass("SYN to port 0", Side::Client, zero_dst.bytes(), PassMalformed));
     t.push(Fixture::pass(
         "802.1ad (QinQ, 0x88a8) outer tag: not parsed",
         Side::Client,
