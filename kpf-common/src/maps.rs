@@ -11,6 +11,7 @@ pub mod names {
     pub const MAGLEV: &str = "KPF_MAGLEV";
     pub const ALLOW: &str = "KPF_ALLOW";
     pub const BACKEND_STATS: &str = "KPF_BACKEND_STATS";
+    pub const LOCAL_ADDRS: &str = "KPF_LOCAL_ADDRS";
     pub const FLOWS: &str = "KPF_FLOWS";
     pub const HALF_OPEN: &str = "KPF_HALF_OPEN";
     pub const CONFIG: &str = "KPF_CONFIG";
@@ -33,6 +34,8 @@ pub const MAGLEV_SIZE: u32 = 4093;
 pub const MAX_TABLES: u32 = 256;
 /// Source-allowlist entries (CIDRs) across all frontends.
 pub const MAX_ALLOW: u32 = 16384;
+/// The gateway's own IPv4 addresses (and VIPs routed to it as local) a wildcard frontend answers on.
+pub const MAX_LOCAL_ADDRS: u32 = 1024;
 
 pub const IPPROTO_TCP: u8 = 6;
 
