@@ -443,13 +443,7 @@ impl Session {
     /// On a connection in ECHO mode: sends `payload` and reads exactly as many bytes back,
     /// which must be `payload`. The connection stays open.
     pub fn echo_round(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.writer.write_all(payload)?;
-        let mut back = vec![0u8; payload.len()];
-        self.reader.read_exact(&mut back)?;
-        if back != payload {
-            return Err(io::Error::other(format!("echo differs from the {} bytes sent", payload.len())));
-        }
-        Ok(())
+        echo_exact(&mut self.reader, &mut self.writer, payload)
     }
 
     /// Waits up to `wait` for something from the peer without sending anything: `Ok(None)` if
@@ -471,14 +465,48 @@ impl Session {
     /// Ends a connection in ECHO mode cleanly: half-closes, and expects the backend to close
     /// with nothing more to say.
     pub fn finish_echo(mut self) -> io::Result<()> {
-        self.writer.shutdown(Shutdown::Write)?;
-        let mut rest = Vec::new();
-        self.reader.read_to_end(&mut rest)?;
-        if !rest.is_empty() {
-            return Err(io::Error::other(format!("{} unexpected bytes before the backend closed", rest.len())));
-        }
-        Ok(())
+        finish_clean(&mut self.reader, &self.writer)
     }
+}
+
+/// Sends `payload` and reads exactly as many bytes back, failing unless they are the same.
+/// Keep payloads within the socket buffers (a few tens of KiB): the write completes before the
+/// read starts.
+fn echo_exact(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
+    writer.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    let mut got = 0;
+    while got < back.len() {
+        match reader.read(&mut back[got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the echo ended after {got} of {} bytes", payload.len()),
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(e.kind(), format!("reading the echo after {got} of {} bytes: {e}", payload.len())));
+            }
+        }
+    }
+    if back != payload {
+        let at = back.iter().zip(payload).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(io::Error::other(format!("echo of {} bytes differs at offset {at}", payload.len())));
+    }
+    Ok(())
+}
+
+/// Half-closes and expects the backend to close too, with nothing more to read.
+fn finish_clean(reader: &mut BufReader<TcpStream>, writer: &TcpStream) -> io::Result<()> {
+    writer.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(io::Error::other(format!("{} unexpected bytes before the backend closed", rest.len())));
+    }
+    Ok(())
 }
 
 /// A TCP connection from `src` to `dst`, made within `timeout`, in the calling thread's
@@ -622,40 +650,12 @@ impl EchoLoop {
     /// Keep payloads within the socket buffers (a few tens of KiB): the write completes before
     /// the read starts.
     pub fn round(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.writer.write_all(payload)?;
-        let mut back = vec![0u8; payload.len()];
-        let mut got = 0;
-        while got < back.len() {
-            match self.reader.read(&mut back[got..]) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the echo ended after {got} of {} bytes", payload.len()),
-                    ));
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(io::Error::new(e.kind(), format!("reading the echo after {got} of {} bytes: {e}", payload.len())));
-                }
-            }
-        }
-        if back != payload {
-            let at = back.iter().zip(payload).position(|(a, b)| a != b).unwrap_or(0);
-            return Err(io::Error::other(format!("echo of {} bytes differs at offset {at}", payload.len())));
-        }
-        Ok(())
+        echo_exact(&mut self.reader, &mut self.writer, payload)
     }
 
     /// Half-closes and expects the backend to close too, with nothing more to read.
     pub fn finish(mut self) -> io::Result<()> {
-        self.writer.shutdown(Shutdown::Write)?;
-        let mut rest = Vec::new();
-        self.reader.read_to_end(&mut rest)?;
-        if !rest.is_empty() {
-            return Err(io::Error::other(format!("{} unexpected bytes before the backend closed", rest.len())));
-        }
-        Ok(())
+        finish_clean(&mut self.reader, &self.writer)
     }
 }
 
