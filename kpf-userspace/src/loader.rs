@@ -171,14 +171,8 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Attaches to `iface`. `Auto` tries native (driver) mode first and falls back to generic.
-    /// The interface is registered as a redirect target before the program sees its packets.
-    /// The link lives as long as this Dataplane.
-    pub fn attach(&mut self, iface: &str, mode: Mode) -> Result<AttachMode> {
-        let (m, _) = self.attach_new(iface, mode)?;
-        Ok(m)
-    }
-
+    /// Attaches to `iface` (`Auto`: native where the driver can, else generic), registering it
+    /// as a redirect target before the program sees its packets.
     fn attach_new(&mut self, iface: &str, mode: Mode) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
         let ifindex = ifindex(iface)?;
         self.register_iface(ifindex, iface_mtu(iface)?)?;
@@ -405,13 +399,6 @@ impl Dataplane {
             a.set(kpf_common::select::table_index(table, slot as u32), id, 0).map_err(Error::map(names::MAGLEV))?;
         }
         Ok(())
-    }
-
-    pub fn read_table(&self, table: u32) -> Result<Vec<u32>> {
-        let a: Array<&MapData, u32> = self.map(names::MAGLEV)?;
-        (0..MAGLEV_SIZE)
-            .map(|slot| a.get(&kpf_common::select::table_index(table, slot), 0).map_err(Error::map(names::MAGLEV)))
-            .collect()
     }
 
     /// Allowlist entries as (frontend id, network address in host order, prefix bits).
