@@ -10,15 +10,21 @@
 //!   iteration is then an established-path hit (lookup, rewrite with checksum deltas, MACs,
 //!   devmap redirect), alternating between the two entries; after an even `repeat` the frame is
 //!   the input again. The entries' packet counters prove it: together they grow by `repeat`.
-//! - *new flow*: a SYN creates state, so each of many distinct SYNs runs once (`repeat = 1`)
-//!   and the kernel-reported durations are averaged; the empty program gets the same treatment
-//!   (`repeat = 1`, as many runs) because a single run carries the test-run timer's overhead.
+//! - *new flow*: a bench-only frontend at the backend's own address and port maps it to that
+//!   backend, so the SYN a new flow sends on (`gateway:snat -> backend:port`) is itself a SYN to
+//!   a frontend with a 4-tuple never seen before: every iteration opens one more connection
+//!   (backend choice, next hop, SNAT port, two half-open entries). The NewFlows counter proves it
+//!   (it grows by `repeat`). The half-open entries are cleared between runs, so SNAT occupancy
+//!   stays low, as on a gateway that is not under a SYN flood.
+//! - *new flow, cold* (diagnostic): each of many distinct SYNs runs once (`repeat = 1`), averaged,
+//!   next to the empty program run the same way (a single run carries the test-run timer's
+//!   overhead and starts with caches the syscall path has cooled).
 
 use std::net::SocketAddrV4;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use kpf_common::{Counter, Flow, FlowKey, NextHop, names, nat::Nat, tcp::State, wire};
+use kpf_common::{Counter, Flow, FlowKey, Frontend, NextHop, names, nat::Nat, tcp::State, wire};
 use serde::Serialize;
 
 // Not copied: the fixture harness of kpf's own tests, compiled in here. Formatted by its owners.
@@ -27,7 +33,9 @@ use serde::Serialize;
 #[rustfmt::skip]
 mod fixture_support;
 
-use fixture_support::{ACK, Action, B0_MAC, BACKEND_A_MAC, Conn, GW_B, GW_C, Harness, PSH, SYN, Tcp4, Topology};
+use fixture_support::{
+    ACK, Action, B0_MAC, BACKEND_A_MAC, BACKEND_B, BACKEND_PORT, Conn, GW_B, GW_C, Harness, PSH, SYN, Tcp4, Topology,
+};
 
 use super::{
     baseline::{RawXdp, xdp_md},
@@ -41,8 +49,14 @@ pub struct Options {
     pub repeat: u32,
     /// Trials of each case (interleaved).
     pub trials: u32,
-    /// Distinct SYNs per trial for the new-flow case.
+    /// Distinct SYNs per trial for the cold new-flow cases.
     pub syns: u32,
+    /// Iterations of one chained new-flow run: connections opened before the table is cleared.
+    /// The fixture's half-open table holds 1,024 entries per CPU, two per connection; past that
+    /// the LRU evicts live entries and the chain can run into one of its own connections.
+    pub chain: u32,
+    /// Chained runs per trial.
+    pub chain_runs: u32,
 }
 
 /// One measured case.
@@ -73,6 +87,9 @@ pub struct ProgCost {
     /// The frame after an even number of iterations equals the input.
     pub established_frame_restored: bool,
     pub syns_opened: u64,
+    /// Connections the chained new-flow runs opened (NewFlows), against `chain * trials`.
+    pub chain_opened: u64,
+    pub chain_iterations: u64,
 }
 
 impl ProgCost {
@@ -192,10 +209,30 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         Ok(())
     };
 
+    // New flows, chained: a frontend at backend B's own address and port, to backend B. (Not A:
+    // a chained SYN from the established pair's SNAT port to A would hit the pair's entry.)
+    let b_id = h
+        .dp
+        .backends()
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .find(|(_, b)| b.addr == u32::from_ne_bytes(BACKEND_B.octets()))
+        .map(|(id, _)| id)
+        .context("backend B is not loaded")?;
+    let chain_id = fixture_support::FRONTENDS.len() as u32;
+    h.dp
+        .set_frontend(
+            kpf::loader::frontend_key(Some(BACKEND_B), BACKEND_PORT),
+            Frontend { id: chain_id, target: b_id, ..Default::default() },
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+    let chain = o.chain.max(1);
+
     let ctx = xdp_md(established.len(), c0);
     let (mut e_ns, mut u_ns, mut est_ns, mut e1_ns, mut syn_ns) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut nn_ns, mut exact_ns, mut lookup_ns) = (vec![], vec![], vec![]);
-    let (mut hits, mut restored, mut opened) = (0u64, true, 0u64);
+    let mut chain_ns = vec![];
+    let (mut hits, mut restored, mut opened, mut chained) = (0u64, true, 0u64, 0u64);
     let mut next_port: u32 = 1024;
     for trial in 0..o.trials {
         proc::check_interrupted()?;
@@ -267,6 +304,20 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         }
         exact_ns.push(total / o.syns as f64);
         clear(h)?;
+
+        let mut total = 0.0;
+        for r in 0..o.chain_runs {
+            let before = counter(h, Counter::NewFlows)?;
+            let syn = Conn::to_b("chain", 1024 + (trial * o.chain_runs + r) as u16).c2f(SYN).bytes();
+            let (ns, _) =
+                run(h, c0, &syn, chain, Action::Redirect).with_context(|| format!("trial {trial}: chained SYNs"))?;
+            let new = counter(h, Counter::NewFlows)? - before;
+            ensure!(new == chain as u64, "chained SYNs: {new} of {chain} iterations opened a connection");
+            chained += new;
+            total += ns;
+            clear(h)?;
+        }
+        chain_ns.push(total / o.chain_runs as f64);
     }
     ensure!(
         hits == repeat as u64 * o.trials as u64,
@@ -298,15 +349,23 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
             )),
             case("unmapped", "kpf: unmapped packet, passed to the kernel", repeat, 1, u_ns, Some("empty")),
             case("established", "kpf: established flow, rewritten and redirected", repeat, 1, est_ns, Some("empty")),
-            case("empty-once", "empty XDP program, one run per test run", 1, o.syns, e1_ns, None),
             case(
                 "new-flow",
-                "kpf: new flow (SYN: FIB lookup, SNAT port, 2 half-open entries)",
+                "kpf: new flow (SYN: backend, next hop, SNAT port, 2 half-open entries), one per iteration",
+                chain,
+                o.chain_runs,
+                chain_ns,
+                Some("empty"),
+            ),
+            case("empty-once", "empty XDP program, one run per test run", 1, o.syns, e1_ns, None),
+            diagnostic(case(
+                "new-flow-cold",
+                "kpf: new flow, one SYN per test run (cold caches)",
                 1,
                 o.syns,
                 syn_ns,
                 Some("empty-once"),
-            ),
+            )),
             diagnostic(case(
                 "syn-no-neighbour",
                 "kpf: SYN dropped after both FIB lookups (backend has no neighbour)",
@@ -328,6 +387,8 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         established_iterations: repeat as u64 * o.trials as u64,
         established_frame_restored: restored,
         syns_opened: opened,
+        chain_opened: chained,
+        chain_iterations: chain as u64 * o.chain_runs as u64 * o.trials as u64,
     })
 }
 

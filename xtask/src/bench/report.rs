@@ -162,16 +162,19 @@ fn markdown(r: &Results) -> String {
                  backend) whose rewrite maps it back to client → frontend. Each iteration is then an \
                  established-path hit (lookup, NAT with checksum deltas, MACs, devmap redirect), \
                  alternating between the two entries: their packet counters grew by {} over {} \
-                 iterations, and the frame after each even-length run equals the input ({}). *New flows* \
-                 create state, so each of {} distinct SYNs per trial ({} in all) runs once \
-                 (`repeat = 1`) and the kernel-reported durations are averaged; the empty program is \
-                 run as many times with `repeat = 1` for comparison, since a single run also carries \
-                 the test-run timer's overhead (a single run also starts with colder caches than the \
-                 tight loops of the other cases). The *diagnostic* rows split the cost up: one LRU \
-                 hash lookup in a map shaped like kpf's conntrack table prices a map operation on this \
-                 machine; a SYN whose backend has no neighbour entry runs the frontend lookups and both \
-                 FIB lookups (the wildcard frontend's locality check and the route to the backend) and \
-                 is dropped, so it repeats; a new flow through an address-specific frontend skips the \
+                 iterations, and the frame after each even-length run equals the input ({}). For *new \
+                 flows* a bench-only frontend at a backend's own address and port maps to that \
+                 backend, so the SYN a new connection sends on (gateway:snat → backend) is again a SYN \
+                 to a frontend with a 4-tuple never seen: each iteration opens one more connection \
+                 (backend choice, next hop, SNAT port, two half-open entries); the NewFlows counter grew \
+                 by {} over {} iterations, and the half-open table is cleared between runs. The \
+                 *diagnostic* rows split the cost up: one LRU hash lookup in a map shaped like kpf's \
+                 conntrack table prices a map operation on this machine; a *cold* new flow is one SYN \
+                 per test run ({} distinct SYNs per trial, {} in all, averaged, next to the empty \
+                 program run the same way, since a single run also carries the test-run timer's \
+                 overhead and starts with caches the syscall path has cooled); a SYN whose backend has \
+                 no neighbour entry runs the frontend lookups and the route lookup and is dropped, so \
+                 it repeats; a cold new flow through an address-specific frontend skips the \
                  locality lookup.",
                 p.established_hits,
                 p.established_iterations,
@@ -180,6 +183,8 @@ fn markdown(r: &Results) -> String {
                 } else {
                     "it was NOT: the rewrite is not its own inverse here"
                 },
+                p.chain_opened,
+                p.chain_iterations,
                 r.run.prog_syns,
                 p.syns_opened
             );

@@ -50,6 +50,8 @@ impl Plan {
             repeat: o.prog_repeat.unwrap_or(if smoke { 10_000 } else { 1_000_000 }),
             trials: if smoke { 2 } else { 5 },
             syns: if smoke { 50 } else { 400 },
+            chain: 256,
+            chain_runs: if smoke { 2 } else { 8 },
         };
         let out = o.out.clone().unwrap_or_else(|| {
             let d = workspace_root().join("target").join("bench");
@@ -127,8 +129,9 @@ pub fn run(opts: Options) -> Result<()> {
 
     // 1. kpf's own per-packet cost, next to an empty program.
     println!(
-        "[prog] BPF_PROG_TEST_RUN: {} trials × (repeat {} for empty / unmapped / established, {} distinct SYNs once each)",
-        plan.prog.trials, plan.prog.repeat, plan.prog.syns
+        "[prog] BPF_PROG_TEST_RUN: {} trials × (repeat {} for empty / unmapped / established, {} × {} chained new \
+         flows, {} distinct SYNs once each)",
+        plan.prog.trials, plan.prog.repeat, plan.prog.chain_runs, plan.prog.chain, plan.prog.syns
     );
     let prog = match plan.wants("prog").then(|| progcost::measure(plan.prog)).transpose() {
         Ok(None) => None,
