@@ -77,6 +77,30 @@ pub struct NextHop {
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 
+/// A backend's route as one CPU last looked it up: new connections to that backend reuse it
+/// instead of a FIB lookup each, until the routing generation changes. Kept per CPU, so no entry
+/// is ever read half-written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendRoute {
+    pub next_hop: NextHop,
+    /// The gateway's address toward the backend (the SNAT source).
+    pub src_addr: u32,
+    /// The backend address looked up: ids are reused for other backends.
+    pub dst_addr: u32,
+    /// The interface the lookup was made for (routing may depend on it); 0: never looked up.
+    pub ingress: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendRoute>() == 32);
+
+impl BackendRoute {
+    /// Whether this entry answers a lookup of `dst_addr` from `ingress` in generation `fib_gen`.
+    #[inline(always)]
+    pub fn answers(&self, dst_addr: u32, ingress: u32, fib_gen: u32) -> bool {
+        self.ingress != 0 && self.ingress == ingress && self.dst_addr == dst_addr && self.next_hop.fib_gen == fib_gen
+    }
+}
+
 /// Which side a conntrack entry's packets come from.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,5 +384,20 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{} out of place", c.name());
         }
+    }
+
+    #[test]
+    fn a_backend_route_answers_only_its_own_lookup() {
+        assert!(!BackendRoute::default().answers(0, 0, 0), "a never-filled entry answered");
+        let r = BackendRoute {
+            next_hop: NextHop { ifindex: 3, fib_gen: 7, ..Default::default() },
+            src_addr: 1,
+            dst_addr: 2,
+            ingress: 5,
+        };
+        assert!(r.answers(2, 5, 7));
+        assert!(!r.answers(9, 5, 7), "another backend reusing the id");
+        assert!(!r.answers(2, 6, 7), "another ingress interface");
+        assert!(!r.answers(2, 5, 8), "a newer routing generation");
     }
 }

@@ -94,9 +94,10 @@ fn frontend(key: &FlowKey) -> Option<Frontend> {
 /// function, rarely called: its FIB parameter block stays off the forwarding path's stack.
 #[inline(never)]
 fn refresh_next_hop(ctx: &XdpContext, flow: &mut Flow, fib_gen: u32) {
-    match forward::lookup(ctx, ctx.ingress_ifindex() as u32, flow.nat.dst_addr) {
-        Ok(p) if forward::source(p) == flow.nat.src_addr && forward::can_send(ctx, p.ifindex) => {
-            forward::store(p, &mut flow.next_hop, fib_gen)
+    let ingress = ctx.ingress_ifindex() as u32;
+    match forward::route(ctx, flow.backend_id, flow.nat.dst_addr, ingress, fib_gen) {
+        Ok(r) if r.src_addr == flow.nat.src_addr && forward::can_send(ctx, r.next_hop.ifindex) => {
+            flow.next_hop = r.next_hop
         }
         // The source address toward the backend would change (this connection cannot follow the
         // new route), or the route or neighbour is gone for now: keep the old next hop rather
@@ -233,12 +234,12 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
         return Ok(pass(Counter::PassBackendDraining));
     };
     let ingress = ctx.ingress_ifindex() as u32;
-    let fib = forward::lookup(ctx, ingress, be.addr)?;
-    let gw_addr = forward::source(fib);
-    if !forward::can_send(ctx, fib.ifindex) {
+    let route = forward::route(ctx, backend_id, be.addr, ingress, cfg.fib_gen)?;
+    let gw_addr = route.src_addr;
+    if !forward::can_send(ctx, route.next_hop.ifindex) {
         return Err(Counter::DropEgressNotAttached);
     }
-    if pkt.vlan && fib.ifindex != ingress {
+    if pkt.vlan && route.next_hop.ifindex != ingress {
         return Err(Counter::DropVlanEgress);
     }
 
@@ -318,7 +319,7 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
     };
 
     f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
-    forward::store(fib, &mut f.next_hop, cfg.fib_gen);
+    f.next_hop = route.next_hop;
     f.packets = 1;
     f.bytes = pkt.ip_len as u64;
     f.next_seq = pkt.next_seq();

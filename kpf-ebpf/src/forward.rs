@@ -5,12 +5,12 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
-use kpf_common::{Counter, NextHop};
+use kpf_common::{BackendRoute, Counter, NextHop};
 
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{DEVMAP, FIB_SCRATCH},
+    maps::{DEVMAP, FIB_SCRATCH, ROUTES},
     parse::Packet,
 };
 
@@ -63,6 +63,23 @@ pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32) -> Result<&'static bpf_f
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::DropFibNoNeigh),
         _ => Err(Counter::DropFibFailed),
     }
+}
+
+/// The route to backend `id` (at `dst`) for a packet that arrived on `ingress`: this CPU's
+/// cached answer if it is from the current routing generation, else a FIB lookup, cached. A
+/// failed lookup is not cached: the next connection tries again.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, id: u32, dst: u32, ingress: u32, fib_gen: u32) -> Result<&'static BackendRoute, Counter> {
+    // SAFETY: this CPU's entry; nothing else writes it while the program runs here.
+    let r = unsafe { &mut *ROUTES.get_ptr_mut(id).ok_or(Counter::DropFibFailed)? };
+    if !r.answers(dst, ingress, fib_gen) {
+        let p = lookup(ctx, ingress, dst)?;
+        store(p, &mut r.next_hop, fib_gen);
+        r.src_addr = source(p);
+        r.dst_addr = dst;
+        r.ingress = ingress;
+    }
+    Ok(r)
 }
 
 /// The source address a successful lookup chose (BPF_FIB_LOOKUP_SRC).

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use kpf_common::{
-    AllowKey, Backend, COUNTER_COUNT, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo,
+    AllowKey, Backend, BackendRoute, COUNTER_COUNT, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, IfaceInfo,
     MAGLEV_SIZE, MAX_ALLOW, MAX_BACKENDS, MAX_FRONTENDS, MAX_IFACES, MAX_TABLES,
 };
 
@@ -57,6 +57,11 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 /// for the whole call chain) has no room for them.
 #[map(name = "KPF_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's last route to each backend, by backend id: spares new connections (and flows
+/// re-routed after a routing change) a FIB lookup each. Not pinned: a cache.
+#[map(name = "KPF_ROUTES")]
+pub static ROUTES: PerCpuArray<BackendRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Per-CPU parameter block for bpf_fib_lookup, for the same reason.
 #[map(name = "KPF_FIB_SCRATCH")]
