@@ -6,6 +6,7 @@ use crate::nat::Nat;
 /// Map names as they appear in the object file and under the pin directory.
 pub mod names {
     pub const PROGRAM: &str = "kpf";
+    pub const TC_PROGRAM: &str = "kpf_tc";
     pub const FRONTENDS: &str = "KPF_FRONTENDS";
     pub const BACKENDS: &str = "KPF_BACKENDS";
     pub const MAGLEV: &str = "KPF_MAGLEV";

@@ -53,19 +53,32 @@ pub enum L4Csum {
 /// Rewrites addresses, ports and both checksums in place.
 #[inline(always)]
 pub fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
-    ip.src_addr = nat.src_addr.to_ne_bytes();
-    ip.dst_addr = nat.dst_addr.to_ne_bytes();
-    let ip_check = u16::from_ne_bytes(ip.check);
-    ip.check = csum::apply_full(ip_check, nat.ip_delta).to_ne_bytes();
-
-    tcp.source = nat.src_port.to_ne_bytes();
-    tcp.dest = nat.dst_port.to_ne_bytes();
+    rewrite_fields(nat, ip, tcp);
     let check = u16::from_ne_bytes(tcp.check);
     let check = match l4 {
         L4Csum::Full => csum::apply_full(check, nat.l4_delta),
         L4Csum::Partial => csum::apply_partial(check, nat.pseudo_delta),
     };
     tcp.check = check.to_ne_bytes();
+}
+
+/// Rewrites addresses, ports and the IPv4 header checksum; the TCP checksum is left to the caller
+/// (the tc path hands it to the kernel, which knows what the field holds).
+#[inline(always)]
+pub fn rewrite_fields(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr) {
+    ip.src_addr = nat.src_addr.to_ne_bytes();
+    ip.dst_addr = nat.dst_addr.to_ne_bytes();
+    let ip_check = u16::from_ne_bytes(ip.check);
+    ip.check = csum::apply_full(ip_check, nat.ip_delta).to_ne_bytes();
+    tcp.source = nat.src_port.to_ne_bytes();
+    tcp.dest = nat.dst_port.to_ne_bytes();
+}
+
+/// The folded delta of the ports alone: what a complete TCP checksum needs beyond the
+/// pseudo-header delta.
+#[inline(always)]
+pub const fn port_delta(nat: &Nat) -> u16 {
+    csum::fold(nat.l4_delta as u32 + (!nat.pseudo_delta) as u32)
 }
 
 #[cfg(test)]
@@ -153,6 +166,25 @@ mod tests {
             // 0x0000 and 0xffff are the same ones' complement value.
             let got = u16::from_ne_bytes([p[ihl + 16], p[ihl + 17]]);
             assert!(got == want || (got | want) == 0xffff && (got & want) == 0, "{got:#x} != {want:#x}");
+        }
+    }
+
+    #[test]
+    fn pseudo_then_port_delta_equals_the_full_delta() {
+        // The tc path applies the two separately (the kernel needs them apart); together they
+        // must give what the one-step XDP update gives.
+        let mut rng = StdRng::seed_from_u64(3);
+        for i in 0..20_000 {
+            let (p, ihl, _) = random_packet(&mut rng);
+            let key = key_of(&p, ihl);
+            let nat = Nat::new(&key, rng.random(), rng.random(), rng.random(), rng.random());
+            let check = u16::from_ne_bytes([p[ihl + 16], p[ihl + 17]]);
+            let two_steps = csum::apply_full(csum::apply_full(check, nat.pseudo_delta), port_delta(&nat));
+            let one_step = csum::apply_full(check, nat.l4_delta);
+            assert!(
+                two_steps == one_step || (two_steps | one_step) == 0xffff && (two_steps & one_step) == 0,
+                "packet {i}: {two_steps:#x} != {one_step:#x}"
+            );
         }
     }
 

@@ -2,32 +2,32 @@
 //! frontend, then hand it to the rewrite and forward steps.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::BPF_NOEXIST,
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
 };
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key};
 use kpf_common::{
     AllowKey, Backend, Config, Counter, Direction, Flow, FlowKey, Frontend, FrontendKey,
-    nat::{self, L4Csum, Nat},
+    nat::Nat,
     select, snat,
     tcp::{self, State},
 };
 
 use crate::{
     forward,
-    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, IFACES, LOCAL_ADDRS, MAGLEV, SCRATCH},
+    frame::Frame,
+    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, LOCAL_ADDRS, MAGLEV, SCRATCH},
     parse::{self, Packet, Parsed},
     stats,
 };
 
-pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
+pub fn handle<C: Frame>(ctx: &C) -> Result<u32, u32> {
     let parsed = match parse::parse(ctx) {
         Ok(p) => p,
-        Err(reason) => return Ok(pass(reason)),
+        Err(reason) => return Ok(pass::<C>(reason)),
     };
     let Some(cfg) = CONFIG.get(0) else {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(C::PASS);
     };
     let pkt = match parsed {
         Parsed::Tcp(p) => p,
@@ -60,19 +60,19 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, u32> {
     }
 
     let Some(fe) = frontend(&pkt.key) else {
-        return Ok(pass(Counter::PassNotOurs));
+        return Ok(pass::<C>(Counter::PassNotOurs));
     };
     if !tcp::is_new_connection(pkt.flags) {
         // No connection to continue: the kernel answers RST, so the client reconnects at once.
-        return Ok(pass(Counter::PassNoFlow));
+        return Ok(pass::<C>(Counter::PassNoFlow));
     }
     Ok(open(ctx, &pkt, &fe, cfg, now))
 }
 
 #[inline(always)]
-fn pass(reason: Counter) -> u32 {
+fn pass<C: Frame>(reason: Counter) -> u32 {
     stats::count(reason);
-    xdp_action::XDP_PASS
+    C::PASS
 }
 
 /// The frontend a packet without a connection is addressed to: its exact address and port, or
@@ -93,10 +93,10 @@ fn frontend(key: &FlowKey) -> Option<Frontend> {
 /// A route or neighbour changed since `flow` looked up its next hop: look again. A separate BPF
 /// function, rarely called: its FIB parameter block stays off the forwarding path's stack.
 #[inline(never)]
-fn refresh_next_hop(ctx: &XdpContext, flow: &mut Flow, fib_gen: u32) {
-    let ingress = ctx.ingress_ifindex() as u32;
+fn refresh_next_hop<C: Frame>(ctx: &C, flow: &mut Flow, fib_gen: u32) {
+    let ingress = ctx.ingress_ifindex();
     match forward::route(ctx, flow.backend_id, flow.nat.dst_addr, ingress, fib_gen) {
-        Ok(r) if r.src_addr == flow.nat.src_addr && forward::can_send(ctx, r.next_hop.ifindex) => {
+        Ok(r) if r.src_addr == flow.nat.src_addr && ctx.can_send(r.next_hop.ifindex) => {
             flow.next_hop = r.next_hop
         }
         // The source address toward the backend would change (this connection cannot follow the
@@ -125,8 +125,8 @@ fn promote(key: &FlowKey, reply_key: &FlowKey) -> Option<&'static mut Flow> {
 
 /// The common case: a packet of a known, live connection.
 #[inline(always)]
-fn established(
-    ctx: &XdpContext,
+fn established<C: Frame>(
+    ctx: &C,
     pkt: &Packet,
     mut flow: &mut Flow,
     table: &'static LruHashMap<FlowKey, Flow>,
@@ -150,7 +150,7 @@ fn established(
                     Some(f) => flow = f,
                     None => {
                         stats::count(Counter::DropFlowTableFull);
-                        return xdp_action::XDP_DROP;
+                        return C::DROP;
                     }
                 }
             }
@@ -171,12 +171,11 @@ fn established(
 
     let nat = flow.nat;
     let nh = flow.next_hop;
-    rewrite(ctx, pkt, &nat, cfg);
-    match forward::send(ctx, pkt, &nh) {
+    match ctx.forward(pkt, &nat, &nh, cfg) {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);
-            xdp_action::XDP_DROP
+            C::DROP
         }
     }
 }
@@ -216,27 +215,27 @@ fn choose(pkt: &Packet, fe: &Frontend) -> Result<Option<(u32, Backend)>, Counter
 /// frame (two entries being built, the FIB parameters) does not weigh on the established path's
 /// stack.
 #[inline(never)]
-fn open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> u32 {
+fn open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> u32 {
     match try_open(ctx, pkt, fe, cfg, now) {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);
-            xdp_action::XDP_DROP
+            C::DROP
         }
     }
 }
 
 /// Backend, next hop, SNAT port, both conntrack entries.
 #[inline(always)]
-fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
+fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
     let Some((backend_id, be)) = choose(pkt, fe)? else {
         // The frontend's only backend is draining: the kernel's RST makes the client fail fast.
-        return Ok(pass(Counter::PassBackendDraining));
+        return Ok(pass::<C>(Counter::PassBackendDraining));
     };
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress_ifindex();
     let route = forward::route(ctx, backend_id, be.addr, ingress, cfg.fib_gen)?;
     let gw_addr = route.src_addr;
-    if !forward::can_send(ctx, route.next_hop.ifindex) {
+    if !ctx.can_send(route.next_hop.ifindex) {
         return Err(Counter::DropEgressNotAttached);
     }
     if pkt.vlan && route.next_hop.ifindex != ingress {
@@ -331,29 +330,5 @@ fn try_open(ctx: &XdpContext, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u6
     stats::count(Counter::NewFlows);
     stats::traffic(fe.id, backend_id, pkt.ip_len as u64, true);
 
-    rewrite(ctx, pkt, &f.nat, cfg);
-    forward::send(ctx, pkt, &f.next_hop)
-}
-
-#[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Packet, nat: &Nat, cfg: &Config) {
-    // SAFETY: parse bounds-checked both headers.
-    let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
-    nat::rewrite(nat, ip, tcp, l4_csum(ctx, pkt.ip_len, cfg));
-}
-
-/// An IPv4 packet longer than its interface's MTU can only be a GRO/GSO aggregate (generic XDP
-/// sees those), whose TCP checksum field is a CHECKSUM_PARTIAL pseudo-header sum. Anything that
-/// fits the MTU came off a wire with a complete checksum (see README, "Checksums").
-#[inline(always)]
-fn l4_csum(ctx: &XdpContext, ip_len: u16, cfg: &Config) -> L4Csum {
-    if (ip_len as u32) <= cfg.min_mtu {
-        return L4Csum::Full;
-    }
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: IfaceInfo is plain data.
-    match unsafe { IFACES.get(ifindex) } {
-        Some(i) if ip_len as u32 > i.mtu => L4Csum::Partial,
-        _ => L4Csum::Full,
-    }
+    ctx.forward(pkt, &f.nat, &f.next_hop, cfg)
 }

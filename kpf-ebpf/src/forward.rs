@@ -1,17 +1,14 @@
 //! Next-hop lookup and transmission.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
-    programs::XdpContext,
 };
 use kpf_common::{BackendRoute, Counter, NextHop};
 
-use network_types::eth::EthHdr;
-
 use crate::{
-    maps::{DEVMAP, FIB_SCRATCH, ROUTES},
-    parse::Packet,
+    frame::Frame,
+    maps::{FIB_SCRATCH, ROUTES},
 };
 
 /// This CPU's FIB parameter block, reset for an IPv4/TCP lookup of `dst` from `ifindex`.
@@ -47,12 +44,12 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 #[inline(always)]
 /// The answer stays in this CPU's parameter block (read it before the next lookup): copying it
 /// out would cost stack the new-connection path does not have.
-pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32) -> Result<&'static bpf_fib_lookup, Counter> {
+pub fn lookup<C: Frame>(ctx: &C, ifindex: u32, dst: u32) -> Result<&'static bpf_fib_lookup, Counter> {
     let p = params(ifindex, dst).ok_or(Counter::DropFibFailed)?;
     // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
     let rc = unsafe {
         fib_lookup_helper(
-            ctx.ctx as *mut _,
+            ctx.as_ptr() as *mut _,
             &mut *p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SRC,
@@ -69,7 +66,7 @@ pub fn lookup(ctx: &XdpContext, ifindex: u32, dst: u32) -> Result<&'static bpf_f
 /// cached answer if it is from the current routing generation, else a FIB lookup, cached. A
 /// failed lookup is not cached: the next connection tries again.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, id: u32, dst: u32, ingress: u32, fib_gen: u32) -> Result<&'static BackendRoute, Counter> {
+pub fn route<C: Frame>(ctx: &C, id: u32, dst: u32, ingress: u32, fib_gen: u32) -> Result<&'static BackendRoute, Counter> {
     // SAFETY: this CPU's entry; nothing else writes it while the program runs here.
     let r = unsafe { &mut *ROUTES.get_ptr_mut(id).ok_or(Counter::DropFibFailed)? };
     if !r.answers(dst, ingress, fib_gen) {
@@ -96,30 +93,4 @@ pub fn store(p: &bpf_fib_lookup, nh: &mut NextHop, fib_gen: u32) {
     nh.src_mac = p.smac;
     nh.dst_mac = p.dmac;
     nh.fib_gen = fib_gen;
-}
-
-/// Whether `ifindex` is an interface this program can send out of.
-#[inline(always)]
-pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
-    ifindex == ctx.ingress_ifindex() as u32 || DEVMAP.get_ifindex(ifindex).is_some()
-}
-
-/// Writes the next hop's MACs and sends the frame: XDP_TX back out the interface it came in on,
-/// or a devmap redirect to another attached interface.
-#[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, nh: &NextHop) -> Result<u32, Counter> {
-    send_frame(ctx, pkt.eth, nh)
-}
-
-/// [`send`] for any frame whose Ethernet header parse checked.
-#[inline(always)]
-pub fn send_frame(ctx: &XdpContext, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter> {
-    // SAFETY: parse bounds-checked the Ethernet header.
-    let eth = unsafe { &mut *eth };
-    eth.src_addr = nh.src_mac;
-    eth.dst_addr = nh.dst_mac;
-    if nh.ifindex == ctx.ingress_ifindex() as u32 {
-        return Ok(xdp_action::XDP_TX);
-    }
-    DEVMAP.redirect(nh.ifindex, 0).map_err(|_| Counter::DropRedirectFailed)
 }

@@ -9,11 +9,10 @@
 //! header, the quoted TCP checksum when the quote includes it, and the ICMP checksum over all of
 //! those changes.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use kpf_common::{Counter, FlowKey, csum};
 
 use crate::{
-    forward,
+    frame::Frame,
     maps::{FLOWS, HALF_OPEN},
     parse,
     stats,
@@ -21,19 +20,19 @@ use crate::{
 
 /// A separate BPF function, so its frame does not add to the forwarding path's stack.
 #[inline(never)]
-pub fn translate(ctx: &XdpContext, l4: usize) -> u32 {
+pub fn translate<C: Frame>(ctx: &C, l4: usize) -> u32 {
     let e = match parse::icmp_error(ctx, l4) {
         Ok(e) => e,
         Err(reason) => {
             stats::count(reason);
-            return xdp_action::XDP_PASS;
+            return C::PASS;
         }
     };
     let q = &e.inner;
     let key = FlowKey::tcp(q.dst_addr, q.dst_port, q.src_addr, q.src_port);
     let Some(entry) = FLOWS.get_ptr(&key).or_else(|| HALF_OPEN.get_ptr(&key)) else {
         stats::count(Counter::PassNotOurs);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: plain data, copied out (only what is needed, not the whole entry).
     let (nat, next_hop) = unsafe { ((*entry).nat, (*entry).next_hop) };
@@ -79,11 +78,11 @@ pub fn translate(ctx: &XdpContext, l4: usize) -> u32 {
     icmp[3] = c1;
 
     stats::count(Counter::IcmpTranslated);
-    match forward::send_frame(ctx, e.eth, &next_hop) {
+    match ctx.send_frame(e.eth, &next_hop) {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);
-            xdp_action::XDP_DROP
+            C::DROP
         }
     }
 }

@@ -1,25 +1,47 @@
-//! kpf's XDP program: stateful full NAT from mapped frontend ports to backends.
+//! kpf's programs: stateful full NAT from mapped frontend ports to backends, at XDP (`kpf`) or
+//! at tc ingress (`kpf_tc`), the same code behind [`frame::Frame`].
 //!
 //! Per packet: parse (parse.rs), find the connection (conntrack.rs) or open one for a SYN to a
-//! mapped frontend, rewrite addresses, ports, checksums and MACs (kpf_common::nat), and send it
-//! out (forward.rs). Everything else goes to the kernel untouched. No logging on this path: the
+//! mapped frontend, rewrite addresses, ports, checksums and MACs (kpf_common::nat, frame.rs), and
+//! send it out. Everything else goes to the kernel untouched. No logging on this path: the
 //! counters (stats.rs) say what happened.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod forward;
+mod frame;
 mod icmp;
 mod maps;
 mod parse;
 mod stats;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 #[xdp]
 pub fn kpf(ctx: XdpContext) -> u32 {
     match conntrack::handle(&ctx) {
         Ok(action) | Err(action) => action,
+    }
+}
+
+/// Headers kpf may read: Ethernet with an 802.1Q tag, IPv4 and TCP with all options, or an ICMP
+/// error quoting IPv4 with options and TCP.
+const HEADERS_MAX: u32 = 18 + 60 + 8 + 60 + 20;
+
+#[classifier]
+pub fn kpf_tc(ctx: TcContext) -> i32 {
+    // A socket buffer's linear part may end inside the headers; pull them in first (before any
+    // packet pointer exists: the pull may move the data).
+    let want = HEADERS_MAX.min(ctx.len());
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    match conntrack::handle(&ctx) {
+        Ok(action) | Err(action) => action as i32,
     }
 }
 

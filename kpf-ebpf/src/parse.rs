@@ -1,8 +1,9 @@
 //! Header parsing with bounds checks the verifier can follow. Anything this does not fully
 //! understand is reported with the reason and handed to the kernel untouched.
 
-use aya_ebpf::programs::XdpContext;
 use kpf_common::{Counter, FlowKey, IPPROTO_TCP};
+
+use crate::frame::Frame;
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -67,7 +68,7 @@ impl Packet {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+fn ptr_at<T, C: Frame>(ctx: &C, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
@@ -77,7 +78,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// The offset of the outer IPv4 header (after an optional 802.1Q tag).
 #[inline(always)]
-fn l4_to_l3(ctx: &XdpContext) -> Result<usize, Counter> {
+fn l4_to_l3<C: Frame>(ctx: &C) -> Result<usize, Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked.
     Ok(if unsafe { (*eth).ether_type } == ETH_P_8021Q { EthHdr::LEN + VLAN_HLEN } else { EthHdr::LEN })
@@ -85,7 +86,7 @@ fn l4_to_l3(ctx: &XdpContext) -> Result<usize, Counter> {
 
 /// The ICMP error at `l4`, if it quotes TCP/IPv4. The outer headers were checked by [`parse`].
 #[inline(always)]
-pub fn icmp_error(ctx: &XdpContext, l4: usize) -> Result<IcmpError, Counter> {
+pub fn icmp_error<C: Frame>(ctx: &C, l4: usize) -> Result<IcmpError, Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
     let l3 = l4_to_l3(ctx)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
@@ -115,7 +116,7 @@ pub fn icmp_error(ctx: &XdpContext, l4: usize) -> Result<IcmpError, Counter> {
     }
     let inner_l4: *mut [u8; 8] = ptr_at(ctx, q3 + ihl).ok_or(Counter::PassMalformed)?;
     let inner_check = if q3 + ihl + 18 <= end {
-        ptr_at::<[u8; 2]>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut())
+        ptr_at::<[u8; 2], C>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut())
     } else {
         core::ptr::null_mut()
     };
@@ -131,7 +132,7 @@ pub fn icmp_error(ctx: &XdpContext, l4: usize) -> Result<IcmpError, Counter> {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, Counter> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Counter::PassMalformed)?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -156,7 +157,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Counter> {
     }
     let ihl = ((iph.vihl & 0x0f) as usize) * 4;
     let ip_len = u16::from_be_bytes(iph.tot_len);
-    let frame_l3 = ctx.data_end() - ctx.data() - l3;
+    // The whole packet, not just its linear part: a GRO aggregate's payload is in pages.
+    let frame_l3 = ctx.len().saturating_sub(l3);
     if ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl || ip_len as usize > frame_l3 {
         return Err(Counter::PassMalformed);
     }

@@ -1,11 +1,17 @@
-//! Loads the XDP program, attaches it, and reads and writes its maps.
+//! Loads kpf's programs (XDP, and tc for interfaces attached in tc mode), attaches them, and
+//! reads and writes their maps.
 
 use std::{ffi::CString, net::Ipv4Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, lpm_trie::{Key, LpmTrie}},
-    programs::{Xdp, XdpMode, links::{FdLink, PinnedLink}, xdp::XdpLink},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
 };
 use kpf_common::{
     AllowKey, Backend, COUNTER_COUNT, Config as KernelConfig, Counter, Flow, FlowKey, Frontend, FrontendKey,
@@ -44,6 +50,8 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub enum AttachMode {
     Native,
     Generic,
+    /// tc ingress, through a tcx link (Linux ≥ 6.6).
+    Tc,
 }
 
 impl AttachMode {
@@ -51,13 +59,16 @@ impl AttachMode {
         match self {
             AttachMode::Native => "native",
             AttachMode::Generic => "generic",
+            AttachMode::Tc => "tc",
         }
     }
 
-    fn xdp_mode(self) -> XdpMode {
+    /// How `kpf status` names it.
+    pub fn describe(self) -> &'static str {
         match self {
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic => XdpMode::Skb,
+            AttachMode::Native => "native XDP",
+            AttachMode::Generic => "generic XDP",
+            AttachMode::Tc => "tc ingress",
         }
     }
 
@@ -65,6 +76,7 @@ impl AttachMode {
         match s {
             "native" => Some(AttachMode::Native),
             "generic" => Some(AttachMode::Generic),
+            "tc" => Some(AttachMode::Tc),
             _ => None,
         }
     }
@@ -74,7 +86,9 @@ impl AttachMode {
         match mode {
             Mode::Native => &[AttachMode::Native],
             Mode::Generic => &[AttachMode::Generic],
-            Mode::Auto => &[AttachMode::Native, AttachMode::Generic],
+            Mode::Tc => &[AttachMode::Tc],
+            // tc before generic XDP: it keeps GRO/GSO aggregates whole and costs no copy.
+            Mode::Auto => &[AttachMode::Native, AttachMode::Tc],
         }
     }
 }
@@ -138,6 +152,19 @@ impl Dataplane {
         Ok(p.try_into()?)
     }
 
+    /// The tc program, loaded into the kernel on first use (most gateways never need it).
+    pub fn tc_program_mut(&mut self) -> Result<&mut SchedClassifier> {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::TC_PROGRAM)
+            .ok_or_else(|| Error::Environment("the tc program is missing from the object".into()))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load()?;
+        }
+        Ok(p)
+    }
+
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
@@ -173,26 +200,53 @@ impl Dataplane {
 
     /// Attaches to `iface` (`Auto`: native where the driver can, else generic), registering it
     /// as a redirect target before the program sees its packets.
-    fn attach_new(&mut self, iface: &str, mode: Mode) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId)> {
+    fn attach_new(&mut self, iface: &str, mode: Mode) -> Result<(AttachMode, FdLink)> {
         let ifindex = ifindex(iface)?;
         self.register_iface(ifindex, iface_mtu(iface)?)?;
         let tries = AttachMode::candidates(mode);
         let mut last = None;
         for &m in tries {
-            match self.program_mut()?.attach_to_if_index(ifindex, m.xdp_mode()) {
-                Ok(id) => {
+            let attached = match m {
+                AttachMode::Native => self.attach_xdp(iface, ifindex, m, XdpMode::Driver),
+                AttachMode::Generic => self.attach_xdp(iface, ifindex, m, XdpMode::Skb),
+                AttachMode::Tc => self.attach_tc(iface),
+            };
+            match attached {
+                Ok(link) => {
                     self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
-                    return Ok((m, id));
+                    return Ok((m, link));
                 }
-                Err(source) => {
+                Err(e) => {
                     if tries.len() > 1 {
-                        log::warn!("{iface}: {} XDP unavailable ({source}); trying the next mode", m.as_str());
+                        log::warn!("{iface}: {} unavailable ({e}); trying the next mode", m.describe());
                     }
-                    last = Some(Error::Attach { iface: iface.to_owned(), mode: m.as_str(), source });
+                    last = Some(e);
                 }
             }
         }
         Err(last.expect("at least one mode was tried"))
+    }
+
+    /// An XDP link on `ifindex`, taken from aya (so that it outlives this process once pinned).
+    fn attach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, mode: XdpMode) -> Result<FdLink> {
+        let attach_err = |source| Error::Attach { iface: iface.to_owned(), mode: m.as_str(), source };
+        let p = self.program_mut()?;
+        let id = p.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
+        FdLink::try_from(p.take_link(id).map_err(attach_err)?).map_err(|e| {
+            Error::Environment(format!("{iface}: the kernel attached XDP without a BPF link ({e}); kpf needs Linux ≥ 5.9"))
+        })
+    }
+
+    /// A tcx ingress link on `iface`, first in line.
+    fn attach_tc(&mut self, iface: &str) -> Result<FdLink> {
+        let attach_err = |source| Error::Attach { iface: iface.to_owned(), mode: AttachMode::Tc.as_str(), source };
+        let p = self.tc_program_mut()?;
+        let id = p
+            .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(attach_err)?;
+        FdLink::try_from(p.take_link(id).map_err(attach_err)?).map_err(|e| {
+            Error::Environment(format!("{iface}: the kernel attached tc without a tcx link ({e}); tc mode needs Linux ≥ 6.6"))
+        })
     }
 
     /// Attaches to `iface` through a link pinned under `pins`, which keeps the program attached
@@ -207,19 +261,22 @@ impl Dataplane {
                 let path = pins.link(ifindex, m.as_str());
                 let pinned = PinnedLink::from_pin(&path)
                     .map_err(|e| Error::Environment(format!("opening pinned link {}: {e}", path.display())))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
-                self.program_mut()?.attach_to_link(link)?;
+                if m == AttachMode::Tc {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| Error::Environment(format!("pinned link {} is not a tcx link: {e}", path.display())))?;
+                    self.tc_program_mut()?.attach_to_link(link)?;
+                } else {
+                    let link = XdpLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
+                    self.program_mut()?.attach_to_link(link)?;
+                }
                 self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
                 return Ok(Attached::Adopted(m));
             }
             log::warn!("{iface}: pinned link is {} but mode is now {mode:?}: re-attaching", m.as_str());
             unpin_link(pins, ifindex)?;
         }
-        let (m, id) = self.attach_new(iface, mode)?;
-        let link = self.program_mut()?.take_link(id)?;
-        let fd_link = FdLink::try_from(link)
-            .map_err(|e| Error::Environment(format!("{iface}: the kernel attached XDP without a BPF link ({e}); kpf needs Linux ≥ 5.9")))?;
+        let (m, fd_link) = self.attach_new(iface, mode)?;
         let path = pins.link(ifindex, m.as_str());
         fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
         Ok(Attached::Fresh(m))

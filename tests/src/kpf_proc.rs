@@ -36,6 +36,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Mode {
     Native,
     Generic,
+    Tc,
 }
 
 impl Mode {
@@ -43,6 +44,7 @@ impl Mode {
         match self {
             Mode::Native => "native",
             Mode::Generic => "generic",
+            Mode::Tc => "tc",
         }
     }
 }

@@ -72,6 +72,23 @@ fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
     ns.run("tc", &["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "10000"]).map(drop)
 }
 
+/// Makes the endpoints send as Linux hosts normally do, with checksum and segmentation offload:
+/// their segments reach the gateway as CHECKSUM_PARTIAL GSO aggregates (up to 64 KB, checksum
+/// field holding only the pseudo-header sum), which is what kpf's tc mode has to handle. The
+/// gateway's interfaces get `tx off`, so everything the gateway forwards has its checksums
+/// completed, and is segmented, in software on the way out, from what kpf left in the packet;
+/// the receivers keep `rx off` and verify every checksum. Not for XDP: native veth XDP loses
+/// CHECKSUM_PARTIAL (see `endpoint`).
+pub fn sender_offloads(topo: &impl Topology) -> io::Result<()> {
+    for ns in std::iter::once(topo.client()).chain(topo.backends()) {
+        ns.ethtool_k("eth0", &["tx", "on", "tso", "on", "gso", "on"])?;
+    }
+    for dev in topo.gateway_interfaces() {
+        topo.gateway().ethtool_k(dev, &["tx", "off"])?;
+    }
+    Ok(())
+}
+
 fn switch_with_bridge() -> io::Result<Netns> {
     let sw = Netns::new("sw")?;
     sw.ip(&["link", "add", "name", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;

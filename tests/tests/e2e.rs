@@ -1,4 +1,5 @@
-//! End-to-end: kpf forwarding real TCP between namespaces, in both topologies and both XDP modes.
+//! End-to-end: kpf forwarding real TCP between namespaces, in both topologies and every attach
+//! mode (native XDP, generic XDP, tc).
 //!
 //! Run as root, after `cargo build --release -p kpf`:
 //! `cargo test --release -p kpf-tests --test e2e -- --test-threads=1`
@@ -10,6 +11,11 @@
 //! checksum would be dropped and counted in the receiver's `Tcp InCsumErrors`, so the test
 //! asserts that counter stays 0 in the client and every backend, and first proves the counter
 //! works there by sending a segment with a deliberately wrong checksum and watching it rise.
+//!
+//! In tc mode the endpoints send with checksum and segmentation offload instead (see
+//! `topology::sender_offloads`): kpf then rewrites 64 KB CHECKSUM_PARTIAL aggregates, and the
+//! gateway's `tx off` interfaces complete every checksum in software from what kpf left, so a
+//! wrong pseudo-header update would still show up as InCsumErrors at the receivers.
 
 use std::{
     io,
@@ -22,7 +28,7 @@ use kpf_tests::{
     kpf_proc::{self, Kpf, Mode},
     netns::{self, Netns},
     peer::{self, Backend, Pattern, Session},
-    topology::{BACKEND_NAMES, BACKEND_PORT, OneNic, Topology, TwoNic},
+    topology::{self, BACKEND_NAMES, BACKEND_PORT, OneNic, Topology, TwoNic},
 };
 use rand::{Rng, RngCore};
 
@@ -64,6 +70,9 @@ fn e2e<T: Topology + Sync>(build: fn() -> io::Result<T>, mode: Mode) {
     let mut t = Instant::now();
 
     let topo = build().expect("building the topology");
+    if mode == Mode::Tc {
+        topology::sender_offloads(&topo).expect("turning the senders' offloads on");
+    }
     eprintln!("{} / {mode}:", topo.name());
     step(&mut t, "topology");
     {
@@ -178,11 +187,19 @@ fn e2e<T: Topology + Sync>(build: fn() -> io::Result<T>, mode: Mode) {
             stopped.status.success() && !stopped.killed && stopped.down_failed.is_none(),
             "kpf did not stop cleanly: {stopped:?}"
         );
-        // `kpf down` detaches: no XDP program may be left on the gateway's interfaces.
+        // `kpf down` detaches: no XDP program may be left on the gateway's interfaces...
         for dev in topo.gateway_interfaces() {
             let link = topo.gateway().ip(&["-d", "link", "show", "dev", dev]).expect("ip link show");
             assert!(!link.contains("prog/xdp"), "XDP still attached to the gateway's {dev} after kpf stopped:\n{link}");
         }
+        // ...nor any tc program: the frontend port is the gateway's own again, where nothing
+        // listens.
+        let refused = client.enter(|| peer::who(fe(PORTS[0]))).unwrap();
+        assert!(
+            matches!(&refused, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
+            "port {} after kpf stopped: {refused:?}",
+            PORTS[0]
+        );
         let counters = kpf_proc::counters(&stopped.log).expect("kpf logs its counters when it stops");
         let drops: Vec<_> = counters.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0).collect();
         assert!(drops.is_empty(), "kpf dropped packets: {drops:?}");
@@ -226,4 +243,14 @@ fn two_nic_native() {
 #[test]
 fn two_nic_generic() {
     e2e(TwoNic::new, Mode::Generic);
+}
+
+#[test]
+fn one_nic_tc() {
+    e2e(OneNic::new, Mode::Tc);
+}
+
+#[test]
+fn two_nic_tc() {
+    e2e(TwoNic::new, Mode::Tc);
 }

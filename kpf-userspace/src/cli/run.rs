@@ -10,7 +10,7 @@ pub struct Args {
     /// The TOML config file; accepted changes are written back to it.
     #[arg(short, long, default_value = "/etc/kpf/kpf.toml")]
     pub config: PathBuf,
-    /// Override the config's attach mode: native, generic or auto.
+    /// Override the config's attach mode: native, generic, tc or auto.
     #[arg(long, value_parser = |s: &str| s.parse::<Mode>())]
     pub mode: Option<Mode>,
 }

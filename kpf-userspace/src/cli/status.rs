@@ -41,7 +41,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s: Status = serde_json::from_value(answer)?;
     println!("kpf pid {} up {}s, pinned in {}", s.pid, s.uptime_s, s.pin_dir);
     for i in &s.interfaces {
-        println!("interface {} ({} XDP)", i.iface, i.mode);
+        let how = match i.mode.as_str() {
+            "tc" => "tc ingress".to_owned(),
+            m => format!("{m} XDP"),
+        };
+        println!("interface {} ({how})", i.iface);
     }
     println!("{} live connection(s)\n", s.tracked_connections);
     println!("{:<22} {:<22} {:>10} {:>14} {:>10} {:>6}", "FRONTEND", "BACKEND", "PACKETS", "BYTES", "NEW", "LIVE");

@@ -1,0 +1,209 @@
+//! The two attach points kpf runs at, behind one interface: XDP (native or generic), where the
+//! program sees raw frames, and tc (tcx ingress), where it sees socket buffers, which keep
+//! GRO/GSO aggregates whole and carry the kernel's checksum state. Parsing, conntrack and NAT are
+//! the same code for both; only reading the frame, the checksum update and the way out differ.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    helpers::generated::{bpf_l4_csum_replace, bpf_redirect},
+    programs::{TcContext, XdpContext},
+};
+use kpf_common::{
+    Config, Counter, NextHop,
+    nat::{self, L4Csum, Nat},
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{DEVMAP, IFACES},
+    parse::Packet,
+};
+
+pub trait Frame {
+    /// The verdict that hands the packet to the kernel untouched.
+    const PASS: u32;
+    const DROP: u32;
+
+    /// Start and end of the directly readable bytes.
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length: more than `data_end - data` for a socket buffer whose payload
+    /// is in pages (every GRO aggregate).
+    fn len(&self) -> usize;
+    fn ingress_ifindex(&self) -> u32;
+    /// The context pointer, for helpers such as bpf_fib_lookup that take either kind.
+    fn as_ptr(&self) -> *mut core::ffi::c_void;
+
+    /// Whether a packet can leave through `ifindex` (and its replies be seen by kpf).
+    fn can_send(&self, ifindex: u32) -> bool;
+
+    /// Rewrites `pkt` per `nat` (addresses, ports, every checksum, MACs) and sends it toward `nh`.
+    /// The last thing done with the packet: afterwards no pointer into it may be used.
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter>;
+
+    /// Sends a frame whose IP and transport headers are already rewritten (checksums included).
+    fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter>;
+}
+
+#[inline(always)]
+fn set_macs(eth: *mut EthHdr, nh: &NextHop) {
+    // SAFETY: parse bounds-checked the Ethernet header.
+    let eth = unsafe { &mut *eth };
+    eth.src_addr = nh.src_mac;
+    eth.dst_addr = nh.dst_mac;
+}
+
+impl Frame for XdpContext {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        XdpContext::ingress_ifindex(self) as u32
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        EbpfContext::as_ptr(self)
+    }
+
+    #[inline(always)]
+    fn can_send(&self, ifindex: u32) -> bool {
+        ifindex == Frame::ingress_ifindex(self) || DEVMAP.get_ifindex(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter> {
+        // SAFETY: parse bounds-checked both headers.
+        let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
+        nat::rewrite(nat, ip, tcp, xdp_l4_csum(self, pkt.ip_len, cfg));
+        self.send_frame(pkt.eth, nh)
+    }
+
+    /// XDP_TX back out the interface the frame came in on, or a devmap redirect.
+    #[inline(always)]
+    fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter> {
+        set_macs(eth, nh);
+        if nh.ifindex == Frame::ingress_ifindex(self) {
+            return Ok(xdp_action::XDP_TX);
+        }
+        DEVMAP.redirect(nh.ifindex, 0).map_err(|_| Counter::DropRedirectFailed)
+    }
+}
+
+/// How to read an XDP frame's TCP checksum. An IPv4 packet longer than its interface's MTU can
+/// only be a GRO/GSO aggregate (generic XDP sees those), whose TCP checksum field is a
+/// CHECKSUM_PARTIAL pseudo-header sum. Anything that fits the MTU came off a wire with a complete
+/// checksum (see README, "Checksums").
+#[inline(always)]
+fn xdp_l4_csum(ctx: &XdpContext, ip_len: u16, cfg: &Config) -> L4Csum {
+    if (ip_len as u32) <= cfg.min_mtu {
+        return L4Csum::Full;
+    }
+    let ifindex = Frame::ingress_ifindex(ctx);
+    // SAFETY: IfaceInfo is plain data.
+    match unsafe { IFACES.get(ifindex) } {
+        Some(i) if ip_len as u32 > i.mtu => L4Csum::Partial,
+        _ => L4Csum::Full,
+    }
+}
+
+impl Frame for TcContext {
+    const PASS: u32 = TC_ACT_OK as u32;
+    const DROP: u32 = TC_ACT_SHOT as u32;
+
+    // Volatile reads: otherwise LLVM may load these in a caller and pass them into a separate BPF
+    // function (icmp::translate) as plain integers, whose zero-extension there is pointer
+    // arithmetic on pkt_end, which the verifier rejects.
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the live __sk_buff context.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the live __sk_buff context.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        EbpfContext::as_ptr(self)
+    }
+
+    /// Any interface kpf is attached to (so that replies come back through kpf).
+    #[inline(always)]
+    fn can_send(&self, ifindex: u32) -> bool {
+        // SAFETY: plain data, only tested for presence.
+        ifindex == Frame::ingress_ifindex(self) || unsafe { IFACES.get(ifindex) }.is_some()
+    }
+
+    /// Addresses, ports, MACs and the IPv4 checksum are written directly. The TCP checksum goes
+    /// through bpf_l4_csum_replace, which knows what this packet's checksum field holds (complete,
+    /// or a CHECKSUM_PARTIAL pseudo-header sum that the stack or the NIC completes, as every GSO
+    /// aggregate has) and keeps a CHECKSUM_COMPLETE skb->csum right: the pseudo-header delta
+    /// (addresses) and the port delta are applied separately for that reason.
+    #[inline(always)]
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, _cfg: &Config) -> Result<u32, Counter> {
+        let check_at = (pkt.tcp as usize - Frame::data(self) + TCP_CHECK_OFFSET) as u32;
+        // SAFETY: parse bounds-checked both headers.
+        let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
+        nat::rewrite_fields(nat, ip, tcp);
+        set_macs(pkt.eth, nh);
+        // SAFETY: the live skb; the helpers bounds-check the offset. No packet pointer is used
+        // after them (they may move the data).
+        unsafe {
+            let ctx = self.skb.skb as *mut _;
+            if bpf_l4_csum_replace(ctx, check_at, 0, nat.pseudo_delta as u64, BPF_F_PSEUDO_HDR as u64) != 0
+                || bpf_l4_csum_replace(ctx, check_at, 0, nat::port_delta(nat) as u64, 0) != 0
+            {
+                return Err(Counter::DropRedirectFailed);
+            }
+        }
+        Ok(redirect(nh.ifindex))
+    }
+
+    /// A redirect to the egress of the next hop's interface (the one it came in on included).
+    #[inline(always)]
+    fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter> {
+        set_macs(eth, nh);
+        Ok(redirect(nh.ifindex))
+    }
+}
+
+const TCP_CHECK_OFFSET: usize = 16;
+
+#[inline(always)]
+fn redirect(ifindex: u32) -> u32 {
+    // SAFETY: plain helper; it returns TC_ACT_REDIRECT, or TC_ACT_SHOT for bad flags.
+    let rc = unsafe { bpf_redirect(ifindex, 0) };
+    if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as u32 } else { TC_ACT_SHOT as u32 }
+}
