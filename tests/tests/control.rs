@@ -85,8 +85,12 @@ fn backend(topo: &OneNic, i: usize) -> SocketAddrV4 {
 
 /// The config file text for `mapping` (wildcard frontends).
 fn config_text(pin_dir: &Path, socket: &Path, mapping: &Mapping) -> String {
+    config_text_in(pin_dir, socket, mapping, "native")
+}
+
+fn config_text_in(pin_dir: &Path, socket: &Path, mapping: &Mapping, mode: &str) -> String {
     let mut s = format!(
-        "interface = \"eth0\"\nmode = \"native\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\
+        "interface = \"eth0\"\nmode = \"{mode}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\
          pin_dir = {:?}\nsocket = {:?}\n\n\
          # The backends are traffic peers that log every odd connection: no health-check probes.\n\
          [health]\ncheck = \"none\"\n",
@@ -117,6 +121,11 @@ struct Setup {
 impl Setup {
     /// Topology, b1..b3 on 39092, a bpffs, and kpf running `initial` (port -> backend index).
     fn new(initial: &[(u16, usize)]) -> Setup {
+        Setup::in_mode(initial, "native")
+    }
+
+    /// The same with kpf attached in `mode` (native, generic, tc).
+    fn in_mode(initial: &[(u16, usize)], mode: &str) -> Setup {
         let topo = OneNic::new().expect("building the topology");
         let backends: Vec<Backend> = topo
             .backends
@@ -131,7 +140,7 @@ impl Setup {
         let binary = kpf_binary().expect("the kpf binary");
         pins.down_on_drop(&binary, &config_path, &socket);
         let mapping: Mapping = initial.iter().map(|&(p, i)| (p, backend(&topo, i))).collect();
-        std::fs::write(&config_path, config_text(pins.path(), &socket, &mapping)).expect("writing the config");
+        std::fs::write(&config_path, config_text_in(pins.path(), &socket, &mapping, mode)).expect("writing the config");
         let cli = KpfCli::new(&binary, &socket);
         let mut s = Setup { kpf: None, pins, dir, backends, topo, cli, config_path, socket, pids: Vec::new() };
         s.start(&binary);
@@ -301,6 +310,16 @@ fn bpftool_dump(path: &Path) -> String {
         .expect("running bpftool");
     assert!(out.status.success(), "bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("bpftool prints UTF-8")
+}
+
+/// The id of the tcx ingress program on `dev` in `ns`, asked of the kernel (BPF_PROG_QUERY).
+fn tc_prog_id(ns: &Netns, dev: &str) -> Option<u64> {
+    let (_, progs) = ns
+        .enter(|| aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress))
+        .expect("entering the namespace")
+        .expect("querying tcx programs");
+    assert!(progs.len() <= 1, "{} tcx programs on {dev}", progs.len());
+    progs.first().map(|p| u64::from(p.id()))
 }
 
 /// The id of the XDP program on `dev` in `ns`, from `ip -j link show`.
@@ -710,6 +729,58 @@ fn restart_kill9_keeps_flows() {
     step(&mut t, "kill -9, then kpf down --config");
     s.finish();
     eprintln!("  total: {:.2?}", total.elapsed());
+}
+
+/// tc mode restarts the same way: the tcx link is pinned, streams flow with no daemon, and a new
+/// daemon swaps its program into the link without a gap.
+#[test]
+fn restart_tc_keeps_flows() {
+    let Some(_serial) = begin("restart_tc_keeps_flows") else { return };
+    let mut t = Instant::now();
+    let mut s = Setup::in_mode(&initial(), "tc");
+    let binary = s.kpf().binary().to_owned();
+    let prog1 = tc_prog_id(&s.topo.gateway, "eth0").expect("kpf attached a tc program");
+    assert_eq!(s.xdp_prog_id(), None, "tc mode attaches no XDP program");
+    step(&mut t, "topology, backends, kpf ready (tc)");
+
+    let targets: Vec<SocketAddr> = (0..30).map(|i| s.fe(PORTS[i % 3])).collect();
+    let streams = Streams::start(s.client(), &targets, PACE).expect("opening streams");
+    streams.wait_all_advance(3, SOON).expect("streams running");
+
+    let stopped = s.kpf.take().unwrap().kill9();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&stopped.status), Some(libc::SIGKILL), "{stopped:?}");
+    assert_eq!(tc_prog_id(&s.topo.gateway, "eth0"), Some(prog1), "the program stays attached after kill -9");
+    streams.wait_all_advance(20, SOON).expect("streams keep flowing with no daemon");
+    assert_eq!(s.who(9094).expect("a new connection with no daemon running"), "b2");
+    step(&mut t, "kill -9: streams flow with no daemon");
+
+    s.start(&binary);
+    wait_for(SOON, "kpf to log that it adopted the pinned tc link", || {
+        let log = s.kpf().log();
+        (log.contains("adopted pinned state in") && log.contains("adopted the pinned tc link on eth0")).then_some(())
+    });
+    let prog2 = tc_prog_id(&s.topo.gateway, "eth0").expect("tc attached");
+    assert_ne!(prog2, prog1, "the restarted kpf must swap its own program into the link");
+    streams.wait_all_advance(5, SOON).expect("streams keep flowing after the restart");
+    for (&p, id) in PORTS.iter().zip(BACKEND_NAMES) {
+        assert_eq!(s.who(p).expect("a new connection after the restart"), id, "port {p}");
+    }
+    assert_flows_match(&s, &streams, &|port| s.backend(PORTS.iter().position(|&p| p == port).unwrap()));
+    let reports = streams.stop();
+    let (rounds, _) = assert_streams_clean(&reports, &|a| identity_of_port(a.port()));
+    assert_clean_counters(&s.status());
+    eprintln!("  streams: {} connections, {rounds} verified rounds; tc prog ids {prog1} -> {prog2}", reports.len());
+    step(&mut t, "restart adopted the tcx link");
+
+    let stopped = s.kpf.take().unwrap().kill9();
+    assert!(!stopped.status.success());
+    let down =
+        s.cli.ok(&["down", "--config", s.config_path.to_str().unwrap()]).expect("kpf down --config with no daemon");
+    assert!(down.contains("no daemon running; removed"), "{down}");
+    assert_eq!(tc_prog_id(&s.topo.gateway, "eth0"), None, "kpf down detaches the pinned tc program");
+    assert_eq!(s.pins.list().unwrap(), Vec::<String>::new(), "kpf down unpins everything");
+    step(&mut t, "kpf down");
+    s.finish();
 }
 
 /// A frontend added after a restart must not share its internal id with connections of a
