@@ -11,15 +11,18 @@ use plotters::{
 
 use super::results::{METRICS, Metric, PathResult, Results};
 
-const COLORS: [RGBColor; 8] = [
+/// In [`super::paths::ALL`] order; the offload group repeats its references in lighter shades.
+const COLORS: [RGBColor; 10] = [
     RGBColor(140, 140, 140), // routing
     RGBColor(55, 110, 190),  // nftables
     RGBColor(230, 140, 40),  // haproxy
     RGBColor(40, 150, 70),   // kpf native
     RGBColor(140, 200, 120), // kpf generic
-    RGBColor(150, 90, 180),  // next (tc)
-    RGBColor(200, 70, 70),
-    RGBColor(90, 190, 200),
+    RGBColor(150, 90, 180),  // kpf tc
+    RGBColor(200, 200, 200), // routing, offloads on
+    RGBColor(140, 175, 225), // nftables, offloads on
+    RGBColor(245, 195, 130), // haproxy, offloads on
+    RGBColor(200, 60, 60),   // kpf tc, offloads on
 ];
 
 /// (median, low, high) of `p`'s metric relative to `reference`, oriented so higher is better.
@@ -39,14 +42,18 @@ pub fn write(r: &Results, path: &Path) -> Result<()> {
 fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let metrics: Vec<&Metric> = METRICS.iter().filter(|m| m.chart.is_some()).collect();
     let Some(reference) = r.path("routing").or(r.paths.first()) else { return Ok(()) };
+    // Each path against plain routing in its own offload group.
+    let reference_of = |p: &PathResult| {
+        super::paths::by_id(p.id).and_then(|s| r.path(&s.reference("routing"))).unwrap_or(reference)
+    };
     let values: Vec<Vec<Option<(f64, f64, f64)>>> =
-        metrics.iter().map(|m| r.paths.iter().map(|p| relative(m, p, reference)).collect()).collect();
+        metrics.iter().map(|m| r.paths.iter().map(|p| relative(m, p, reference_of(p))).collect()).collect();
     let top = values.iter().flatten().flatten().map(|v| v.2).fold(1.2f64, f64::max) * 1.12;
 
-    let root = SVGBackend::new(path, (1200, 600)).into_drawing_area();
+    let root = SVGBackend::new(path, (1500, 650)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
-        "kpf benchmark: relative to {} (= 1.0), higher is better{}",
+        "kpf benchmark: relative to {} of the same offload group (= 1.0), higher is better{}",
         reference.label,
         if r.run.smoke { " — SMOKE RUN, not meaningful" } else { "" }
     );

@@ -2,7 +2,8 @@
 //!
 //! Builds the two-NIC namespace topology once (client -> gateway -> b1/b2/b3), then for each
 //! repetition sets up every path in turn in the gateway (plain routing, nftables NAT, HAProxy,
-//! kpf native XDP, kpf generic XDP: see [`paths::ALL`]), measures bulk throughput both ways
+//! kpf native XDP, kpf generic XDP, kpf tc, then routing, nftables, HAProxy and kpf tc again
+//! with the endpoints' offloads on: see [`paths::ALL`]), measures bulk throughput both ways
 //! (iperf3), request/response latency (sockperf), connection rate (own client and 1-byte echo
 //! server) and machine-wide CPU, and tears the path down. Before that it measures kpf's own
 //! per-packet cost with BPF_PROG_TEST_RUN next to an empty XDP program. Writes
@@ -51,7 +52,7 @@ mod topo;
 
 #[derive(Args, Clone, Debug)]
 pub struct Options {
-    /// Tiny durations, to keep the harness working (≤ ~40 s); exits non-zero on harness errors.
+    /// Tiny durations, to keep the harness working (about a minute); exits non-zero on harness errors.
     #[arg(long)]
     pub smoke: bool,
     /// Repetitions of the interleaved round over all paths [default: 3, 1 with --smoke].
@@ -62,7 +63,8 @@ pub struct Options {
     #[arg(long, value_name = "SECS")]
     pub duration: Option<u64>,
     /// Comma-separated paths to run [default: all]: routing, nftables, haproxy, kpf-native,
-    /// kpf-generic.
+    /// kpf-generic, kpf-tc; with the senders' offloads on: routing-offload, nftables-offload,
+    /// haproxy-offload, kpf-tc-offload.
     #[arg(long, value_name = "LIST")]
     pub paths: Option<String>,
     /// Comma-separated measurements to run [default: all]: prog (program cost), bulk, latency,

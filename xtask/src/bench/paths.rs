@@ -1,5 +1,10 @@
-//! The forwarding paths under comparison, as data: to add one (e.g. kpf in tc mode), add a
-//! [`Kind`] and an entry to [`ALL`], and teach [`PathSpec::start`] to set it up.
+//! The forwarding paths under comparison, as data: to add one, add a [`Kind`] and an entry to
+//! [`ALL`], and teach [`PathSpec::start`] to set it up.
+//!
+//! Paths come in two groups by the endpoints' offload settings, and are only compared within
+//! their group: with offloads off (what native veth XDP requires: it loses CHECKSUM_PARTIAL), and
+//! with the senders' checksum and segmentation offload on (what Linux hosts normally send: 64 KB
+//! GSO aggregates), which only the paths that handle socket buffers can take.
 //!
 //! A started path is an [`Active`] guard: dropping it (or [`Active::finish`]) tears the path down
 //! (nft table deleted, HAProxy or kpf stopped), so two paths never overlap.
@@ -25,7 +30,7 @@ pub enum Kind {
     Nftables,
     /// HAProxy in TCP mode in the gateway.
     Haproxy,
-    /// The real kpf binary, XDP in this mode.
+    /// The real kpf binary, attached in this mode.
     Kpf(Mode),
 }
 
@@ -35,6 +40,16 @@ pub struct PathSpec {
     pub label: &'static str,
     pub kind: Kind,
     pub description: &'static str,
+    /// The endpoints send with checksum and segmentation offload on (see the module docs).
+    pub offloads: bool,
+}
+
+impl PathSpec {
+    /// The id of the path in this one's offload group with `kind`'s role (`routing`,
+    /// `nftables`, `haproxy`): what this path is compared with.
+    pub fn reference(&self, role: &str) -> String {
+        if self.offloads { format!("{role}-offload") } else { role.to_owned() }
+    }
 }
 
 /// Every path, in run (and report) order. The first is the reference for "vs routing".
@@ -45,6 +60,7 @@ pub const ALL: &[PathSpec] = &[
         kind: Kind::Routing,
         description: "no NAT: the client connects straight to the backend's address; the gateway \
                       forwards with the kernel's IP routing (ip_forward=1). The limit for any forwarder.",
+        offloads: false,
     },
     PathSpec {
         id: "nftables",
@@ -53,6 +69,7 @@ pub const ALL: &[PathSpec] = &[
         description: "nftables in the gateway: `dnat to backend:port` per frontend port in prerouting, \
                       `masquerade` out of eth1 in postrouting (kernel conntrack). What a Linux admin would \
                       set up. IPVS would be the other in-kernel option, but this kernel is built without it.",
+        offloads: false,
     },
     PathSpec {
         id: "haproxy",
@@ -60,6 +77,7 @@ pub const ALL: &[PathSpec] = &[
         kind: Kind::Haproxy,
         description: "HAProxy in `mode tcp` in the gateway, one `listen` per frontend port, default \
                       threads (one per CPU): the userspace proxy users pick (stands in for kafka-proxy).",
+        offloads: false,
     },
     PathSpec {
         id: "kpf-native",
@@ -67,12 +85,50 @@ pub const ALL: &[PathSpec] = &[
         kind: Kind::Kpf(Mode::Native),
         description: "the real kpf binary (`kpf run`, started with the harness's `Kpf::start`), XDP in \
                       the veth driver (native mode) on both gateway interfaces, default timeouts.",
+        offloads: false,
     },
     PathSpec {
         id: "kpf-generic",
         label: "kpf XDP generic",
         kind: Kind::Kpf(Mode::Generic),
         description: "the same kpf binary and config, XDP in generic (skb) mode.",
+        offloads: false,
+    },
+    PathSpec {
+        id: "kpf-tc",
+        label: "kpf tc",
+        kind: Kind::Kpf(Mode::Tc),
+        description: "the same kpf binary and config, attached at tc ingress (tcx) instead of XDP.",
+        offloads: false,
+    },
+    PathSpec {
+        id: "routing-offload",
+        label: "plain routing, offloads on",
+        kind: Kind::Routing,
+        description: "plain routing, with the endpoints sending with checksum and segmentation offload.",
+        offloads: true,
+    },
+    PathSpec {
+        id: "nftables-offload",
+        label: "nftables NAT, offloads on",
+        kind: Kind::Nftables,
+        description: "the same nftables rules, endpoints with offloads on.",
+        offloads: true,
+    },
+    PathSpec {
+        id: "haproxy-offload",
+        label: "HAProxy (TCP), offloads on",
+        kind: Kind::Haproxy,
+        description: "the same HAProxy, endpoints with offloads on.",
+        offloads: true,
+    },
+    PathSpec {
+        id: "kpf-tc-offload",
+        label: "kpf tc, offloads on",
+        kind: Kind::Kpf(Mode::Tc),
+        description: "kpf at tc ingress, endpoints with offloads on: it rewrites 64 KB CHECKSUM_PARTIAL \
+                      aggregates whole (native veth XDP cannot take these settings).",
+        offloads: true,
     },
 ];
 

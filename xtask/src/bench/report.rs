@@ -66,8 +66,11 @@ pub fn table(r: &Results) -> String {
     let headers: Vec<&str> = METRICS.iter().map(|m| m.header).collect();
     let _ = writeln!(s, "| path | {} | vs plain routing | vs nftables |", headers.join(" | "));
     let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(METRICS.len()));
-    let (routing, nft) = (r.path("routing"), r.path("nftables"));
     for p in &r.paths {
+        // Against the references of the path's own offload group.
+        let spec = super::paths::by_id(p.id);
+        let reference = |role: &str| r.path(&spec.map_or_else(|| role.to_owned(), |s| s.reference(role)));
+        let (routing, nft) = (reference("routing"), reference("nftables"));
         let cells: Vec<String> = METRICS.iter().map(|m: &Metric| cell(p.summary.get(m.key), m.decimals)).collect();
         let _ = writeln!(s, "| {} | {} | {} | {} |", p.label, cells.join(" | "), ratios(p, routing), ratios(p, nft));
     }
@@ -106,7 +109,8 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "## Results\n");
     let _ = writeln!(
         s,
-        "Median [min–max] over the repetitions. Ratio columns: the path's median ÷ the reference's median \
+        "Median [min–max] over the repetitions. Ratio columns: the path's median ÷ the reference's median, \
+         the reference being the path of the same offload group (see [settings](#endpoint-and-gateway-settings)) \
          (→/← bulk and conn/s: higher is better; RTT and CPU/GB: lower is better).\n"
     );
     s += &table(r);
@@ -238,25 +242,33 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Read back with `ethtool -k`, `ip link` and `tc qdisc` before the first path; the same for every \
-         path (re-read at each path's start and compared). Endpoints compute and verify checksums in \
-         software (tx/rx checksum offload off, hence no TSO/GSO), because native veth XDP loses \
-         CHECKSUM_PARTIAL; the gateway interfaces and bridge ports keep `rx off` so nothing on the way \
-         marks a packet as verified.\n"
+         path of a group (re-read at each path's start and compared). Paths are only compared within \
+         their group. **Offloads off** (the paths without a suffix): endpoints compute and verify \
+         checksums in software (tx/rx checksum offload off, hence no TSO), because native veth XDP \
+         loses CHECKSUM_PARTIAL. **Offloads on** (the `-offload` paths): the endpoints send with \
+         checksum and segmentation offload, as Linux hosts normally do (64 KB CHECKSUM_PARTIAL GSO \
+         aggregates), and still verify what they receive in software. In both, the gateway \
+         interfaces and bridge ports keep `rx off` so nothing on the way marks a packet as verified.\n"
     );
-    let _ = writeln!(s, "| interface | MTU | qdisc | {} |", FEATURES.join(" | "));
-    let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(FEATURES.len()));
-    for i in &r.settings {
-        let f: Vec<&str> = FEATURES.iter().map(|f| i.feature(f)).collect();
-        let _ = writeln!(
-            s,
-            "| {} {}{} | {} | {} | {} |",
-            i.role,
-            i.dev,
-            if i.endpoint { " (endpoint)" } else { "" },
-            i.mtu,
-            i.qdisc,
-            f.join(" | ")
-        );
+    let groups = [("offloads off", Some(&r.settings)), ("offloads on", r.settings_offloads.as_ref())];
+    for (name, settings) in groups {
+        let Some(settings) = settings else { continue };
+        let _ = writeln!(s, "\n{name}:\n");
+        let _ = writeln!(s, "| interface | MTU | qdisc | {} |", FEATURES.join(" | "));
+        let _ = writeln!(s, "|---|---|---|{}", "---|".repeat(FEATURES.len()));
+        for i in settings {
+            let f: Vec<&str> = FEATURES.iter().map(|f| i.feature(f)).collect();
+            let _ = writeln!(
+                s,
+                "| {} {}{} | {} | {} | {} |",
+                i.role,
+                i.dev,
+                if i.endpoint { " (endpoint)" } else { "" },
+                i.mtu,
+                i.qdisc,
+                f.join(" | ")
+            );
+        }
     }
 
     let kpf_paths: Vec<&PathResult> =

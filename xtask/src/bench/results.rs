@@ -187,6 +187,8 @@ pub struct Results {
     pub run: RunInfo,
     pub tools: BTreeMap<&'static str, String>,
     pub settings: Vec<IfaceSettings>,
+    /// The same with the senders' offloads on, if any path of that group ran.
+    pub settings_offloads: Option<Vec<IfaceSettings>>,
     pub paths: Vec<PathResult>,
     pub prog_cost: Option<ProgCost>,
     pub targets: Vec<Target>,

@@ -157,6 +157,14 @@ pub fn run(opts: Options) -> Result<()> {
     println!("[topo] building the two-NIC topology and starting the servers");
     let bench = Bench::new()?;
     let settings = bench.settings()?;
+    let settings_offloads = if plan.paths.iter().any(|p| p.offloads) {
+        bench.set_sender_offloads(true)?;
+        let on = bench.settings()?;
+        bench.set_sender_offloads(false)?;
+        Some(on)
+    } else {
+        None
+    };
     let mut results: Vec<PathResult> = plan
         .paths
         .iter()
@@ -173,7 +181,9 @@ pub fn run(opts: Options) -> Result<()> {
     for rep in 1..=plan.reps {
         for (i, spec) in plan.paths.iter().enumerate() {
             proc::check_interrupted()?;
-            let r = run_path(&bench, spec, rep, &plan, &settings)?;
+            bench.set_sender_offloads(spec.offloads)?;
+            let baseline = if spec.offloads { settings_offloads.as_deref().unwrap_or(&settings) } else { &settings };
+            let r = run_path(&bench, spec, rep, &plan, baseline)?;
             for e in &r.errors {
                 errors.push(format!("{} rep {rep}: {e}", spec.id));
             }
@@ -231,6 +241,7 @@ pub fn run(opts: Options) -> Result<()> {
         },
         tools: machine::tools(),
         settings,
+        settings_offloads,
         paths: results,
         prog_cost: prog,
         targets,

@@ -32,25 +32,30 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
     let mut out = Vec::new();
     for kpf in paths.iter().filter(|p| p.id.starts_with("kpf")) {
         let k = |key: &str| kpf.median(key);
+        // Compared within its offload group only.
+        let spec = super::paths::by_id(kpf.id);
+        let rf = |role: &str| spec.map_or_else(|| role.to_owned(), |s| s.reference(role));
+        let (routing, nftables, haproxy) = (rf("routing"), rf("nftables"), rf("haproxy"));
+        let med = |id: &String, key: &str| med(id.as_str(), key);
         let mut push = |goal: &str, measured: String, met: Option<bool>| {
             out.push(Target { goal: goal.into(), path: Some(kpf.id), measured, met });
         };
 
-        let avg = |other: &str| fmt(ratio(k("rtt_avg_us"), med(other, "rtt_avg_us")));
-        let r = ratio(k("rtt_p50_us"), med("routing", "rtt_p50_us"));
+        let avg = |other: &String| fmt(ratio(k("rtt_avg_us"), med(other, "rtt_avg_us")));
+        let r = ratio(k("rtt_p50_us"), med(&routing, "rtt_p50_us"));
         push(
             "latency: RTT p50 ≤ 1.05× plain routing",
-            format!("{} of routing (avg: {})", fmt(r), avg("routing")),
+            format!("{} of {routing} (avg: {})", fmt(r), avg(&routing)),
             r.map(|r| r <= 1.05),
         );
-        let r = ratio(k("rtt_p50_us"), med("nftables", "rtt_p50_us"));
+        let r = ratio(k("rtt_p50_us"), med(&nftables, "rtt_p50_us"));
         push(
             "latency: RTT p50 ≤ 0.85× nftables",
-            format!("{} of nftables (avg: {})", fmt(r), avg("nftables")),
+            format!("{} of {nftables} (avg: {})", fmt(r), avg(&nftables)),
             r.map(|r| r <= 0.85),
         );
-        let r = ratio(med("haproxy", "rtt_p50_us"), k("rtt_p50_us"));
-        let added = match (med("haproxy", "rtt_p50_us"), k("rtt_p50_us"), med("routing", "rtt_p50_us")) {
+        let r = ratio(med(&haproxy, "rtt_p50_us"), k("rtt_p50_us"));
+        let added = match (med(&haproxy, "rtt_p50_us"), k("rtt_p50_us"), med(&routing, "rtt_p50_us")) {
             (Some(h), Some(x), Some(rt)) if x - rt > 0.0 => format!(
                 "; added over routing: HAProxy {:.1} µs vs kpf {:.1} µs ({:.1}×)",
                 h - rt,
@@ -67,23 +72,23 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
             format!("HAProxy's RTT is {} kpf's{added}", fmt(r)),
             r.map(|r| r >= 5.0),
         );
-        let r = ratio(k("conns_per_s"), med("nftables", "conns_per_s"));
-        push("connection rate ≥ 1.2× nftables", format!("{} of nftables", fmt(r)), r.map(|r| r >= 1.2));
-        let both = |other: &str| {
+        let r = ratio(k("conns_per_s"), med(&nftables, "conns_per_s"));
+        push("connection rate ≥ 1.2× nftables", format!("{} of {nftables}", fmt(r)), r.map(|r| r >= 1.2));
+        let both = |other: &String| {
             let f = ratio(k("bulk_fwd_gbit_s"), med(other, "bulk_fwd_gbit_s"));
             let b = ratio(k("bulk_rev_gbit_s"), med(other, "bulk_rev_gbit_s"));
             (f, b, f.zip(b).map(|(f, b)| f.min(b)))
         };
-        let (f, b, m) = both("nftables");
+        let (f, b, m) = both(&nftables);
         push(
             "bulk ≥ nftables (both directions)",
-            format!("→ {}, ← {} of nftables", fmt(f), fmt(b)),
+            format!("→ {}, ← {} of {nftables}", fmt(f), fmt(b)),
             m.map(|m| m >= 1.0),
         );
-        let (f, b, m) = both("haproxy");
+        let (f, b, m) = both(&haproxy);
         push(
             "bulk ≥ 2× HAProxy (both directions)",
-            format!("→ {}, ← {} of HAProxy", fmt(f), fmt(b)),
+            format!("→ {}, ← {} of {haproxy}", fmt(f), fmt(b)),
             m.map(|m| m >= 2.0),
         );
     }

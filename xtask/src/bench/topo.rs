@@ -176,6 +176,16 @@ impl Bench {
         Ok(child)
     }
 
+    /// Turns the endpoints' transmit checksum and segmentation offload on or off (receive
+    /// checksumming stays off: receivers verify every checksum in software either way).
+    pub fn set_sender_offloads(&self, on: bool) -> Result<()> {
+        let features: &[&str] = if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] };
+        for ns in std::iter::once(self.net.client()).chain(self.net.backends()) {
+            ns.ethtool_k("eth0", features).with_context(|| format!("ethtool -K eth0 in {}", ns.name()))?;
+        }
+        Ok(())
+    }
+
     pub fn echo_served(&self) -> u64 {
         self.echo.served()
     }
