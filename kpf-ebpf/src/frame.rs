@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{bpf_l4_csum_replace, bpf_redirect},
     programs::{TcContext, XdpContext},
 };
@@ -125,7 +125,9 @@ fn xdp_l4_csum(ctx: &XdpContext, ip_len: u16, cfg: &Config) -> L4Csum {
 }
 
 impl Frame for TcContext {
-    const PASS: u32 = TC_ACT_OK as u32;
+    /// TCX_NEXT: not TC_ACT_OK (TCX_PASS), which would also skip any tcx program attached after
+    /// kpf's (a CNI's, say); the last program's "next" is the kernel's normal path.
+    const PASS: u32 = TC_ACT_UNSPEC as u32;
     const DROP: u32 = TC_ACT_SHOT as u32;
 
     // Volatile reads: otherwise LLVM may load these in a caller and pass them into a separate BPF

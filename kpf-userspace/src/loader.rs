@@ -254,31 +254,47 @@ impl Dataplane {
     /// allows, this program replaces the old one inside that link atomically.
     pub fn attach_pinned(&mut self, iface: &str, mode: Mode, pins: &PinDir) -> Result<Attached> {
         let ifindex = ifindex(iface)?;
-        let existing = pinned_link_mode(pins, ifindex)?;
-        if let Some(m) = existing {
-            if AttachMode::candidates(mode).contains(&m) {
-                self.register_iface(ifindex, iface_mtu(iface)?)?;
-                let path = pins.link(ifindex, m.as_str());
-                let pinned = PinnedLink::from_pin(&path)
-                    .map_err(|e| Error::Environment(format!("opening pinned link {}: {e}", path.display())))?;
-                if m == AttachMode::Tc {
-                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                        .map_err(|e| Error::Environment(format!("pinned link {} is not a tcx link: {e}", path.display())))?;
-                    self.tc_program_mut()?.attach_to_link(link)?;
-                } else {
-                    let link = XdpLink::try_from(FdLink::from(pinned))
-                        .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
-                    self.program_mut()?.attach_to_link(link)?;
-                }
-                self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
-                return Ok(Attached::Adopted(m));
+        let existing = pinned_link_modes(pins, ifindex)?;
+        let wanted = AttachMode::candidates(mode);
+        if let Some(&m) = wanted.iter().find(|m| existing.contains(m)) {
+            self.register_iface(ifindex, iface_mtu(iface)?)?;
+            let path = pins.link(ifindex, m.as_str());
+            let pinned = PinnedLink::from_pin(&path)
+                .map_err(|e| Error::Environment(format!("opening pinned link {}: {e}", path.display())))?;
+            if m == AttachMode::Tc {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| Error::Environment(format!("pinned link {} is not a tcx link: {e}", path.display())))?;
+                self.tc_program_mut()?.attach_to_link(link)?;
+            } else {
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
+                self.program_mut()?.attach_to_link(link)?;
             }
-            log::warn!("{iface}: pinned link is {} but mode is now {mode:?}: re-attaching", m.as_str());
-            unpin_link(pins, ifindex)?;
+            self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
+            // A switch between XDP and tc interrupted after its first half left a second link.
+            for other in existing.into_iter().filter(|o| *o != m) {
+                unpin_link_mode(pins, ifindex, other)?;
+            }
+            return Ok(Attached::Adopted(m));
+        }
+        let has_xdp = |modes: &[AttachMode]| modes.iter().any(|m| *m != AttachMode::Tc);
+        if has_xdp(&existing) && has_xdp(wanted) {
+            // One XDP program per interface: the old one must go first, and for that moment
+            // packets reach the kernel (new connections are refused, established ones reset).
+            log::warn!("{iface}: switching XDP mode to {mode:?}: forwarding stops for a moment");
+            for old in &existing {
+                unpin_link_mode(pins, ifindex, *old)?;
+            }
         }
         let (m, fd_link) = self.attach_new(iface, mode)?;
         let path = pins.link(ifindex, m.as_str());
         fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
+        // Between XDP and tc there is no gap: both share the maps, and while both are attached
+        // XDP, which runs first, handles every packet; removing the old link hands over.
+        for old in pinned_link_modes(pins, ifindex)?.into_iter().filter(|o| *o != m) {
+            log::info!("{iface}: switched from {} to {} without a gap", old.describe(), m.describe());
+            unpin_link_mode(pins, ifindex, old)?;
+        }
         Ok(Attached::Fresh(m))
     }
 
@@ -535,16 +551,26 @@ pub fn half_open_entries(max_flows: u32) -> u32 {
 
 /// The mode of the link pinned for interface `ifindex`, if any.
 pub fn pinned_link_mode(pins: &PinDir, ifindex: u32) -> Result<Option<AttachMode>> {
-    Ok(pins.pinned_links()?.iter().find_map(|(i, m)| if *i == ifindex { AttachMode::parse(m) } else { None }))
+    Ok(pinned_link_modes(pins, ifindex)?.into_iter().next())
 }
 
-/// Unpins interface `ifindex`'s link: once no process holds it, the program is detached.
+/// The modes of every link pinned for interface `ifindex` (two only while switching between XDP
+/// and tc, or after a crash in the middle of that).
+pub fn pinned_link_modes(pins: &PinDir, ifindex: u32) -> Result<Vec<AttachMode>> {
+    Ok(pins.pinned_links()?.iter().filter(|(i, _)| *i == ifindex).filter_map(|(_, m)| AttachMode::parse(m)).collect())
+}
+
+/// Unpins interface `ifindex`'s links: once no process holds them, the program is detached.
 pub fn unpin_link(pins: &PinDir, ifindex: u32) -> Result<()> {
-    if let Some(m) = pinned_link_mode(pins, ifindex)? {
-        let path = pins.link(ifindex, m.as_str());
-        std::fs::remove_file(&path).map_err(Error::io(format!("removing {}", path.display())))?;
+    for m in pinned_link_modes(pins, ifindex)? {
+        unpin_link_mode(pins, ifindex, m)?;
     }
     Ok(())
+}
+
+fn unpin_link_mode(pins: &PinDir, ifindex: u32, mode: AttachMode) -> Result<()> {
+    let path = pins.link(ifindex, mode.as_str());
+    std::fs::remove_file(&path).map_err(Error::io(format!("removing {}", path.display())))
 }
 
 /// `10.0.0.1:9093` from wire-order parts.

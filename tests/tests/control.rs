@@ -732,7 +732,8 @@ fn restart_kill9_keeps_flows() {
 }
 
 /// tc mode restarts the same way: the tcx link is pinned, streams flow with no daemon, and a new
-/// daemon swaps its program into the link without a gap.
+/// daemon swaps its program into the link without a gap; switching between tc and XDP keeps every
+/// connection too.
 #[test]
 fn restart_tc_keeps_flows() {
     let Some(_serial) = begin("restart_tc_keeps_flows") else { return };
@@ -766,11 +767,31 @@ fn restart_tc_keeps_flows() {
         assert_eq!(s.who(p).expect("a new connection after the restart"), id, "port {p}");
     }
     assert_flows_match(&s, &streams, &|port| s.backend(PORTS.iter().position(|&p| p == port).unwrap()));
+    step(&mut t, "restart adopted the tcx link");
+
+    // Switching between tc and XDP is a restart with another mode: the new link is attached
+    // before the old one goes, so no packet reaches the gateway's own stack (which would reset
+    // the streams).
+    for (from, to, described) in [("tc", "native", "from tc ingress to native XDP"), ("native", "tc", "from native XDP to tc ingress")] {
+        let stopped = s.kpf.take().unwrap().terminate();
+        assert!(stopped.status.success(), "{stopped:?}");
+        let text = std::fs::read_to_string(&s.config_path).expect("reading the config");
+        let switched = text.replace(&format!("mode = \"{from}\""), &format!("mode = \"{to}\""));
+        assert_ne!(text, switched, "the config names mode {from}");
+        std::fs::write(&s.config_path, switched).expect("writing the config");
+        s.start(&binary);
+        wait_for(SOON, "kpf to log the switch", || s.kpf().log().contains(&format!("switched {described} without a gap")).then_some(()));
+        let (xdp, tc) = (s.xdp_prog_id(), tc_prog_id(&s.topo.gateway, "eth0"));
+        assert_eq!((xdp.is_some(), tc.is_some()), (to == "native", to == "tc"), "after switching to {to}: XDP {xdp:?}, tc {tc:?}");
+        streams.wait_all_advance(5, SOON).unwrap_or_else(|e| panic!("streams after switching to {to}: {e}"));
+        assert_eq!(s.who(9094).expect("a new connection after the switch"), "b2");
+        step(&mut t, &format!("switched {from} -> {to}"));
+    }
+
     let reports = streams.stop();
     let (rounds, _) = assert_streams_clean(&reports, &|a| identity_of_port(a.port()));
     assert_clean_counters(&s.status());
     eprintln!("  streams: {} connections, {rounds} verified rounds; tc prog ids {prog1} -> {prog2}", reports.len());
-    step(&mut t, "restart adopted the tcx link");
 
     let stopped = s.kpf.take().unwrap().kill9();
     assert!(!stopped.status.success());

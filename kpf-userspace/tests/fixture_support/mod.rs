@@ -1477,7 +1477,7 @@ pub enum Attach {
     /// `kpf`, with an xdp_md context.
     Xdp,
     /// `kpf_tc`, with a __sk_buff context; its verdicts are mapped onto the XDP ones
-    /// (TC_ACT_OK: pass, TC_ACT_SHOT: drop, TC_ACT_REDIRECT: the XDP_TX or XDP_REDIRECT expected).
+    /// (TC_ACT_UNSPEC: pass, TC_ACT_SHOT: drop, TC_ACT_REDIRECT: the XDP_TX or XDP_REDIRECT expected).
     Tc,
 }
 
@@ -1561,11 +1561,12 @@ impl<'a> Harness<'a> {
             ..TestRunOptions::default()
         })?;
         out.truncate(r.data_size_out as usize);
-        const TC_ACT_OK: u32 = 0;
+        // kpf passes with TC_ACT_UNSPEC (tcx: on to the next program, then the kernel).
+        const TC_ACT_UNSPEC: u32 = -1i32 as u32;
         const TC_ACT_SHOT: u32 = 2;
         const TC_ACT_REDIRECT: u32 = 7;
         let action = match r.return_value {
-            TC_ACT_OK => Action::Pass as u32,
+            TC_ACT_UNSPEC => Action::Pass as u32,
             TC_ACT_SHOT => Action::Drop as u32,
             TC_ACT_REDIRECT => Action::Redirect as u32,
             // Nothing kpf returns: shown as is, plus 100, so it cannot match an expectation.
