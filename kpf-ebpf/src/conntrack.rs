@@ -40,7 +40,15 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, u32> {
     // Established connections first (the common case: one lookup), then handshakes.
     let (found, table): (_, &'static LruHashMap<FlowKey, Flow>) = match FLOWS.get_ptr_mut(&pkt.key) {
         Some(f) => (Some(f), &FLOWS),
-        None => (HALF_OPEN.get_ptr_mut(&pkt.key), &HALF_OPEN),
+        None => match HALF_OPEN.get_ptr_mut(&pkt.key) {
+            Some(f) => (Some(f), &HALF_OPEN),
+            // Another CPU may have just promoted this connection (it inserts into FLOWS, then
+            // removes from HALF_OPEN): a packet that missed both looks again before it is handed
+            // to the kernel, which would reset the connection. Packets of one connection reach
+            // two CPUs at once in the skb modes (tc, generic XDP) on veth, and with RPS.
+            None if !tcp::is_new_connection(pkt.flags) => (FLOWS.get_ptr_mut(&pkt.key), &FLOWS),
+            None => (None, &HALF_OPEN),
+        },
     };
     if let Some(flow) = found {
         // SAFETY: a live map value; concurrent writers only race on counters and timestamps.
