@@ -1,4 +1,5 @@
-//! Next-hop lookup and transmission.
+//! Next-hop lookup: the FIB, and each CPU's cache of its answer per backend (sending is in
+//! `frame`).
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
@@ -38,15 +39,14 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// Routes `dst` as the kernel would forward a packet that arrived on `ifindex`: the egress
 /// interface, both MACs (the neighbour must already be resolved), and the source address the
-/// kernel would pick toward `dst` (BPF_FIB_LOOKUP_SRC). The result is cached per connection, so
+/// kernel would pick toward `dst` (BPF_FIB_LOOKUP_SRC). The result is cached (see [`route`]), so
 /// no packet length is given: the MTU check would judge one packet (maybe a GRO aggregate), not
-/// the route.
+/// the route. The answer stays in this CPU's parameter block (read it before the next lookup):
+/// copying it out would cost stack the new-connection path does not have.
 #[inline(always)]
-/// The answer stays in this CPU's parameter block (read it before the next lookup): copying it
-/// out would cost stack the new-connection path does not have.
-pub fn lookup<C: Frame>(ctx: &C, ifindex: u32, dst: u32) -> Result<&'static bpf_fib_lookup, Counter> {
+fn lookup<C: Frame>(ctx: &C, ifindex: u32, dst: u32) -> Result<&'static bpf_fib_lookup, Counter> {
     let p = params(ifindex, dst).ok_or(Counter::DropFibFailed)?;
-    // SAFETY: ctx is the live XDP context and p a valid, fully sized parameter block.
+    // SAFETY: ctx is the live XDP or tc context and p a valid, fully sized parameter block.
     let rc = unsafe {
         fib_lookup_helper(
             ctx.as_ptr() as *mut _,
@@ -81,14 +81,14 @@ pub fn route<C: Frame>(ctx: &C, id: u32, dst: u32, ingress: u32, fib_gen: u32) -
 
 /// The source address a successful lookup chose (BPF_FIB_LOOKUP_SRC).
 #[inline(always)]
-pub fn source(p: &bpf_fib_lookup) -> u32 {
+fn source(p: &bpf_fib_lookup) -> u32 {
     // SAFETY: BPF_FIB_LOOKUP_SRC filled ipv4_src on success.
     unsafe { p.__bindgen_anon_3.ipv4_src }
 }
 
 /// Copies a successful lookup's next hop into `nh`, field by field.
 #[inline(always)]
-pub fn store(p: &bpf_fib_lookup, nh: &mut NextHop, fib_gen: u32) {
+fn store(p: &bpf_fib_lookup, nh: &mut NextHop, fib_gen: u32) {
     nh.ifindex = p.ifindex;
     nh.src_mac = p.smac;
     nh.dst_mac = p.dmac;

@@ -549,11 +549,6 @@ pub fn half_open_entries(max_flows: u32) -> u32 {
     (max_flows / 4).max(1024).saturating_mul(2)
 }
 
-/// The mode of the link pinned for interface `ifindex`, if any.
-pub fn pinned_link_mode(pins: &PinDir, ifindex: u32) -> Result<Option<AttachMode>> {
-    Ok(pinned_link_modes(pins, ifindex)?.into_iter().next())
-}
-
 /// The modes of every link pinned for interface `ifindex` (two only while switching between XDP
 /// and tc, or after a crash in the middle of that).
 pub fn pinned_link_modes(pins: &PinDir, ifindex: u32) -> Result<Vec<AttachMode>> {
