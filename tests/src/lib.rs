@@ -14,6 +14,7 @@ pub mod netns;
 pub mod peer;
 pub mod streams;
 pub mod topology;
+pub mod wait;
 pub mod xdp;
 pub mod routed;
 pub mod serial;

@@ -94,17 +94,7 @@ impl Pattern {
 
     /// The SHA-256 (hex) of the first `len` bytes of pattern `seed`.
     pub fn sha256_hex(seed: u64, len: u64) -> String {
-        let mut p = Pattern::new(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            p.fill(&mut buf[..n]);
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        hex(&h.finalize())
+        send_pattern(&mut io::sink(), seed, len).expect("writing to io::sink cannot fail")
     }
 }
 

@@ -7,6 +7,11 @@ use crate::{bpffs, netns};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The process-wide test lock alone, for the few tests that need neither root nor namespaces.
+pub fn lock() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -15,7 +20,7 @@ pub fn is_root() -> bool {
 /// Takes the process-wide test lock, checks for root and sweeps stale namespaces and bpffs
 /// mounts; `None` means skip (printed with `name`).
 pub fn begin(name: &str) -> Option<MutexGuard<'static, ()>> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = lock();
     if !is_root() {
         eprintln!("{name}: skipped: needs root (namespaces, XDP, bpffs)");
         return None;

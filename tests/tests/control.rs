@@ -350,15 +350,8 @@ fn assert_clean_counters(status: &Value) {
 }
 
 /// Polls `f` every 10 ms until it returns `Some`, or fails after `limit` with `what`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    kpf_tests::wait::poll(limit, Duration::from_millis(10), what, f).0
 }
 
 /// How the CLI failed unlike it must: exit code 1, stderr one line `kpf: ...` containing every

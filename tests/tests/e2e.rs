@@ -20,7 +20,6 @@
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -39,15 +38,6 @@ const BULK: u64 = 128 << 20;
 /// Concurrent connections per frontend port (210 in all).
 const PER_PORT: usize = 70;
 
-/// The tests share the process-wide namespace prefix check: run them one at a time even when the
-/// harness is not told `--test-threads=1`.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn in_csum_errors(ns: &Netns) -> i64 {
     ns.snmp("Tcp", "InCsumErrors").expect("reading /proc/net/snmp")
 }
@@ -58,14 +48,7 @@ fn step(t: &mut Instant, what: &str) {
 }
 
 fn e2e<T: Topology + Sync>(build: fn() -> io::Result<T>, mode: Mode) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !is_root() {
-        eprintln!("skipped: needs root (namespaces, XDP)");
-        return;
-    }
-    for stale in netns::sweep_stale().expect("sweeping stale namespaces") {
-        eprintln!("removed namespace {stale} left by a killed run");
-    }
+    let Some(_serial) = kpf_tests::serial::begin(&format!("e2e {mode}")) else { return };
     let total = Instant::now();
     let mut t = Instant::now();
 

@@ -144,15 +144,8 @@ fn flows_of<'a>(all: &'a [Value], client: &str) -> Vec<&'a Value> {
 
 /// Polls `f` every 20 ms until it returns `Some`; fails after `limit` with `what`. Returns the
 /// value and how long it took.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    kpf_tests::wait::poll(limit, Duration::from_millis(20), what, f)
 }
 
 fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {

@@ -21,7 +21,6 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -32,8 +31,6 @@ use kpf_tests::{
     topology::OneNic,
 };
 use serde_json::Value;
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// How long `kpf run` may take to be ready on a loaded machine.
 const KPF_READY: Duration = Duration::from_secs(45);
@@ -49,20 +46,8 @@ const ROUNDTRIP_LIMIT: Duration = Duration::from_secs(60);
 const VERIFY_LIMIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
 
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(POLL);
-    }
+fn poll<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    kpf_tests::wait::poll(limit, POLL, what, f)
 }
 
 /// A directory removed on drop.
@@ -281,19 +266,12 @@ fn expect_good(env: &Env, cluster: &mut KafkaCluster, topic: &str, phase: &str, 
 
 #[test]
 fn kafka_through_kpf() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !is_root() {
-        eprintln!("skipped: needs root (namespaces, XDP)");
-        return;
-    }
+    let Some(_serial) = kpf_tests::serial::begin("kafka_through_kpf") else { return };
     let flavor = match kafka::find() {
         Ok(Some(f)) => f,
         Ok(None) => return,
         Err(e) => panic!("{e}"),
     };
-    for stale in netns::sweep_stale().expect("sweeping stale namespaces") {
-        eprintln!("removed namespace {stale} left by a killed run");
-    }
     let t0 = Instant::now();
     let kpf_bin = kpf_proc::kpf_binary().expect("the kpf binary");
     let topo = OneNic::new().expect("building the topology");

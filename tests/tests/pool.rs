@@ -16,7 +16,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::Path,
     process::{Command, Stdio},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -28,10 +27,6 @@ use kpf_tests::{
 };
 use serde_json::Value;
 
-/// The tests use fixed addresses and ports inside their own namespaces; run them one at a time
-/// even when the harness is not told `--test-threads=1`.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 const BOOTSTRAP: u16 = 9092;
 const B1: &str = "10.100.0.21:39092";
 const B2: &str = "10.100.0.22:39092";
@@ -39,11 +34,6 @@ const B3: &str = "10.100.0.23:39092";
 /// How long `kpf run` may take to be ready on a loaded machine.
 const READY: Duration = Duration::from_secs(45);
 const POLL: Duration = Duration::from_millis(100);
-
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// A one-NIC topology with b1..b3 serving and kpf running. Fields drop in order: kpf first
 /// (`kpf down`), then the servers, then the namespaces.
@@ -169,28 +159,10 @@ fn who_many(fe: SocketAddrV4, n: usize) -> io::Result<Vec<String>> {
 }
 
 /// Polls `f` every [`POLL`] until it gives `Some`, or panics after `limit` with `what`.
-fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(POLL);
-    }
+fn poll<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    kpf_tests::wait::poll(limit, POLL, what, f)
 }
 
-fn prologue() -> Option<std::sync::MutexGuard<'static, ()>> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !is_root() {
-        eprintln!("skipped: needs root (namespaces, XDP)");
-        return None;
-    }
-    for stale in netns::sweep_stale().expect("sweeping stale namespaces") {
-        eprintln!("removed namespace {stale} left by a killed run");
-    }
-    Some(guard)
-}
 
 /// Stops kpf cleanly and checks that every namespace of this process is gone afterwards.
 fn epilogue(pool: Pool) {
@@ -218,7 +190,7 @@ fn nothing_left() {
 
 #[test]
 fn spread_and_same_choice_on_two_gateways() {
-    let Some(_serial) = prologue() else { return };
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
     let t0 = Instant::now();
     let cfg = config("", "", "");
     let a = Pool::new(&cfg);
@@ -290,7 +262,7 @@ fn spread_and_same_choice_on_two_gateways() {
 
 #[test]
 fn unhealthy_backend_leaves_and_rejoins() {
-    let Some(_serial) = prologue() else { return };
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
     let t0 = Instant::now();
     let interval = Duration::from_secs(1);
     let (healthy_threshold, unhealthy_threshold) = (2u32, 2u32);
@@ -371,7 +343,7 @@ fn unhealthy_backend_leaves_and_rejoins() {
 
 #[test]
 fn drain_moves_new_keeps_old_then_resets() {
-    let Some(_serial) = prologue() else { return };
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
     let t0 = Instant::now();
     let pool = Pool::new(&config("", "", ""));
     let fe = pool.fe(BOOTSTRAP);
@@ -525,7 +497,7 @@ fn drain_moves_new_keeps_old_then_resets() {
 
 #[test]
 fn allowlist_drops_outsiders_without_state() {
-    let Some(_serial) = prologue() else { return };
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
     let t0 = Instant::now();
     let extra = format!("\n[[frontend]]\nport = 9096\nbackends = [\"{B1}\"]\nallow = [\"10.100.0.10/32\"]\n");
     let pool = Pool::new(&config("", "", &extra));
@@ -606,7 +578,7 @@ fn listening(gateway: &Netns) -> Vec<String> {
 
 #[test]
 fn metrics_endpoint() {
-    let Some(_serial) = prologue() else { return };
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
     let t0 = Instant::now();
     let pool = Pool::new(&config("metrics_addr = \"127.0.0.1:9464\"", "", ""));
     let fe = pool.fe(BOOTSTRAP);
@@ -686,7 +658,7 @@ fn check(bin: &Path, file: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn config_rejections() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = kpf_tests::serial::lock();
     let bin = kpf_proc::kpf_binary().expect("the kpf binary");
     let dir = std::env::temp_dir().join(format!("kpf-pool-check-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, SingleVlanHeader, TcpHeader, VlanId,
     VlanPcp,
@@ -1494,6 +1494,23 @@ pub struct Harness<'a> {
 
 type FlowMap = HashMap<FlowKey, Flow>;
 
+/// One BPF_PROG_TEST_RUN of `program` on `data` with context `ctx`.
+fn test_run<P>(program: &P, data: &[u8], ctx: &[u8], repeat: u32) -> Result<Outcome>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; data.len() + 256];
+    let r = program.test_run(TestRunOptions {
+        data_in: Some(data),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(Outcome { action: r.return_value, output: out, duration: r.duration })
+}
+
 fn fe_stats_tuple(s: kpf_common::FrontendStats) -> (u64, u64, u64) {
     (s.packets, s.bytes, s.new_flows)
 }
@@ -1533,16 +1550,7 @@ impl<'a> Harness<'a> {
         // The kernel wants data_end == data_size_in and data == the metadata length.
         let md: [u32; 6] = [meta_len as u32, data.len() as u32, 0, ingress, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; data.len() + 256];
-        let r = self.dp.program_mut()?.test_run(TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok(Outcome { action: r.return_value, output: out, duration: r.duration })
+        test_run(self.dp.program_mut()?, data, &ctx, repeat)
     }
 
     /// [`Harness::run_packet`] through the tc program; the action is mapped to an XDP one.
@@ -1552,27 +1560,19 @@ impl<'a> Harness<'a> {
         let mut ctx = vec![0u8; 192];
         ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ingress.to_ne_bytes());
-        let mut out = vec![0u8; data.len() + 256];
-        let r = self.dp.tc_program_mut()?.test_run(TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
+        let mut out = test_run(self.dp.tc_program_mut()?, data, &ctx, repeat)?;
         // kpf passes with TC_ACT_UNSPEC (tcx: on to the next program, then the kernel).
         const TC_ACT_UNSPEC: u32 = -1i32 as u32;
         const TC_ACT_SHOT: u32 = 2;
         const TC_ACT_REDIRECT: u32 = 7;
-        let action = match r.return_value {
+        out.action = match out.action {
             TC_ACT_UNSPEC => Action::Pass as u32,
             TC_ACT_SHOT => Action::Drop as u32,
             TC_ACT_REDIRECT => Action::Redirect as u32,
             // Nothing kpf returns: shown as is, plus 100, so it cannot match an expectation.
             other => 100 + other,
         };
-        Ok(Outcome { action, output: out, duration: r.duration })
+        Ok(out)
     }
 
     fn counters(&self) -> Result<Vec<u64>> {

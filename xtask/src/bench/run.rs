@@ -178,10 +178,14 @@ pub fn run(opts: Options) -> Result<()> {
         .collect();
 
     // 3. Interleaved rounds.
+    let mut offloads_on = false;
     for rep in 1..=plan.reps {
         for (i, spec) in plan.paths.iter().enumerate() {
             proc::check_interrupted()?;
-            bench.set_sender_offloads(spec.offloads)?;
+            if spec.offloads != offloads_on {
+                bench.set_sender_offloads(spec.offloads)?;
+                offloads_on = spec.offloads;
+            }
             let baseline = if spec.offloads { settings_offloads.as_deref().unwrap_or(&settings) } else { &settings };
             let r = run_path(&bench, spec, rep, &plan, baseline)?;
             for e in &r.errors {
