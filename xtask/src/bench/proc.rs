@@ -63,6 +63,16 @@ fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
     })
 }
 
+/// Spawns `cmd` (dying with this process) with stdin closed and stdout and stderr collected by
+/// one thread each.
+fn spawn_collected(cmd: &mut Command, what: impl FnOnce() -> String) -> Result<(std::process::Child, [JoinHandle<Vec<u8>>; 2])> {
+    die_with_parent(cmd);
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(what)?;
+    let readers = [reader(child.stdout.take().expect("piped")), reader(child.stderr.take().expect("piped"))];
+    Ok((child, readers))
+}
+
 /// What a finished command printed.
 pub struct Output {
     pub status: ExitStatus,
@@ -89,15 +99,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
 /// Like [`run`], but returns the output whatever the exit status.
 pub fn run_unchecked(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let desc = describe(cmd);
-    die_with_parent(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting `{desc}`"))?;
-    let out = reader(child.stdout.take().expect("piped"));
-    let err = reader(child.stderr.take().expect("piped"));
+    let (mut child, [out, err]) = spawn_collected(cmd, || format!("starting `{desc}`"))?;
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -129,15 +131,8 @@ impl Child {
     /// the *thread* that spawned it ends.
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Child> {
         let desc = describe(cmd);
-        die_with_parent(cmd);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}: `{desc}`"))?;
-        let readers = vec![reader(child.stdout.take().expect("piped")), reader(child.stderr.take().expect("piped"))];
-        Ok(Child { name: name.to_owned(), child: Some(child), readers })
+        let (child, readers) = spawn_collected(cmd, || format!("starting {name}: `{desc}`"))?;
+        Ok(Child { name: name.to_owned(), child: Some(child), readers: readers.into() })
     }
 
     /// `Err` with the child's output if it has exited.
