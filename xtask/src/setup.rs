@@ -133,14 +133,29 @@ fn bpf_linker_version(program: &Path) -> Option<String> {
     probe(Command::new(program).arg("--version")).map(|v| v.trim().to_owned())
 }
 
+/// A flag kpf-ebpf's build script passes (it keeps small memset/memmove inline instead of calls
+/// to out-of-line copies); bpf-linker releases without it cannot link kpf.
+const BPF_LINKER_FLAG: &str = "--disable-expand-memcpy-in-order";
+
+fn bpf_linker_has_flag(program: &Path) -> bool {
+    probe(Command::new(program).arg("--help")).is_some_and(|h| h.contains(BPF_LINKER_FLAG))
+}
+
 fn bpf_linker() -> Result<()> {
+    let mut outdated = false;
     if let Some(v) = bpf_linker_version(Path::new("bpf-linker")) {
-        println!("setup: bpf-linker: present ({v})");
-        return Ok(());
+        if bpf_linker_has_flag(Path::new("bpf-linker")) {
+            println!("setup: bpf-linker: present ({v})");
+            return Ok(());
+        }
+        println!("setup: bpf-linker: present ({v}) but without {BPF_LINKER_FLAG}: upgrading");
+        outdated = true;
     }
     let bin_dir = cargo_bin_dir();
-    if let Some(dir) = &bin_dir
+    if !outdated
+        && let Some(dir) = &bin_dir
         && let Some(v) = bpf_linker_version(&dir.join("bpf-linker"))
+        && bpf_linker_has_flag(&dir.join("bpf-linker"))
     {
         println!(
             "setup: bpf-linker: present ({v}) in {}, which is not on PATH; add it to PATH \
@@ -149,14 +164,15 @@ fn bpf_linker() -> Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "setup: bpf-linker: missing, installing (builds against LLVM 22; takes a few minutes)"
-    );
+    if !outdated {
+        println!("setup: bpf-linker: missing, installing (builds against LLVM 22; takes a few minutes)");
+    }
     let llvm_bin = Path::new(LLVM_PREFIX).join("bin");
     util::run(
         Command::new("cargo")
             .args([
                 "install",
+                "--force",
                 "bpf-linker",
                 "--no-default-features",
                 "--features",
