@@ -114,9 +114,10 @@ pub enum Direction {
 
 /// One direction of a tracked connection: the value of a conntrack entry.
 ///
-/// Both directions of a connection carry the same `state`; the kernel writes both when a packet
-/// changes it (SYN-ACK, the first ACK, FIN, RST), which is rare, so the common packet touches
-/// only its own entry.
+/// Both directions of a connection carry the same `state`: a packet that changes it (SYN-ACK, the
+/// first ACK, FIN, RST; rare) is applied to both entries, each atomically, so both end in the
+/// same state whatever order two CPUs apply two packets in. The common packet touches only its
+/// own entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -140,6 +141,10 @@ pub struct Flow {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 88);
+// The kernel updates `state` with an 8-byte compare-and-exchange on (next_seq, state, direction,
+// _pad): one aligned word.
+const _: () = assert!(core::mem::offset_of!(Flow, next_seq) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Flow, state) == core::mem::offset_of!(Flow, next_seq) + 4);
 
 /// A mapped frontend: the key of [`Frontend`]. `addr == 0` matches any local address.
 #[repr(C)]

@@ -4,10 +4,12 @@
 //! number per SYN, so a 4-tuple reused after its connection closed lands on a different port (the
 //! backend may still hold the old one in TIME_WAIT), and ports cannot be predicted from outside.
 //!
-//! The kernel probes candidates in order and claims the first whose reply key
-//! (backend -> gateway:port) it can insert with `BPF_NOEXIST`, so a port is never handed to two
-//! live connections toward the same backend; if every probe is taken the SYN is dropped and
-//! counted, and the client's retransmission tries again.
+//! The kernel probes candidates in order and claims the first that is free (it can insert the
+//! reply key backend -> gateway:port with `BPF_NOEXIST`) or whose connection has ended and stayed
+//! quiet for [`crate::tcp::RECLAIM_GRACE_NS`], or expired (it takes the place of that
+//! connection's entries), so a port is never handed to two live connections toward the same
+//! backend; if every probe is taken the SYN is dropped and counted, and the client's
+//! retransmission tries again.
 
 use crate::maps::FlowKey;
 

@@ -131,6 +131,65 @@ fn promote(key: &FlowKey, reply_key: &FlowKey) -> Option<&'static mut Flow> {
     FLOWS.get_ptr_mut(key).map(|p| unsafe { &mut *p })
 }
 
+/// Applies a packet (travelling in `dir`, with `flags`) to the connection state in `entry`, as
+/// one atomic update; returns the new state if it changed. Each direction's entry gets the
+/// packet applied to its own current state: in the skb modes the two directions' packets can be
+/// handled on two CPUs at once, and when each wrote its own result into both entries, a FIN
+/// from each side at the same moment left both entries with one FIN (never `Closing`), holding
+/// the connection's SNAT port until the FIN timeout.
+#[inline(always)]
+fn advance(entry: &mut Flow, dir: Direction, flags: u8) -> Option<State> {
+    // BPF has compare-and-exchange on 4 and 8 bytes; `state` sits in the 8-byte-aligned word
+    // (next_seq, state, direction, padding), asserted in kpf-common. A concurrent plain store to
+    // next_seq only makes the exchange fail and retry; a successful one writes back the next_seq
+    // it compared against, so no store is lost either way.
+    let word = core::ptr::addr_of_mut!(entry.next_seq).cast::<u64>();
+    // SAFETY: an aligned word inside the live map value.
+    let mut cur = unsafe { core::ptr::read_volatile(word) };
+    // Bounded: each failed exchange means another CPU changed the word; the state can move on
+    // only a few times (the states form a short chain).
+    for _ in 0..4 {
+        let mut bytes = cur.to_ne_bytes();
+        let state = State::from_u8(bytes[STATE_BYTE])?;
+        let next = tcp::next(state, dir, flags);
+        if next == state {
+            return None;
+        }
+        bytes[STATE_BYTE] = next as u8;
+        // SAFETY: as above.
+        let found = unsafe { cmpxchg64(word, cur, u64::from_ne_bytes(bytes)) };
+        if found == cur {
+            return Some(next);
+        }
+        cur = found;
+    }
+    None
+}
+
+/// Where `Flow::state` is in the word [`advance`] exchanges.
+const STATE_BYTE: usize = core::mem::offset_of!(Flow, state) - core::mem::offset_of!(Flow, next_seq);
+
+/// BPF_CMPXCHG on 8 bytes: stores `new` at `ptr` if it holds `expected`; returns what it held.
+/// (The BPF target has no `AtomicU64::compare_exchange`.)
+///
+/// # Safety
+/// `ptr` must point to an 8-byte-aligned word of a map value.
+#[inline(always)]
+unsafe fn cmpxchg64(ptr: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut r0 = expected;
+    // SAFETY: per the caller; the instruction compares with and returns through r0.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {n})",
+            p = in(reg) ptr,
+            n = in(reg) new,
+            inout("r0") r0,
+            options(nostack),
+        );
+    }
+    r0
+}
+
 /// The common case: a packet of a known, live connection.
 #[inline(always)]
 fn established<C: Frame>(
@@ -145,14 +204,13 @@ fn established<C: Frame>(
         && tcp::may_change(state, pkt.flags)
     {
         let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
-        let next = tcp::next(state, dir, pkt.flags);
-        if next != state {
+        if let Some(next) = advance(flow, dir, pkt.flags) {
             let reply_key = FlowKey::reply_of(&flow.nat);
-            flow.state = next as u8;
             if let Some(peer) = table.get_ptr_mut(&reply_key) {
                 // SAFETY: a live map value.
-                unsafe { (*peer).state = next as u8 };
+                advance(unsafe { &mut *peer }, dir, pkt.flags);
             }
+            // Only the CPU whose update completed the handshake moves the connection.
             if core::ptr::eq(table, &HALF_OPEN) && next.handshake_done() {
                 match promote(&pkt.key, &reply_key) {
                     Some(f) => flow = f,
@@ -233,6 +291,37 @@ fn open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) 
     }
 }
 
+/// Takes over the SNAT port of the connection `table` holds under `reply_key` if that one has
+/// ended or expired: its two entries go, and `f` (the new reply entry) goes into the half-open
+/// table in their place. False if the port is still in use, or another CPU took it first. A
+/// separate BPF function: inlined into the probe loop it would multiply what the verifier walks.
+#[inline(never)]
+fn reclaim(
+    table: &LruHashMap<FlowKey, Flow>,
+    reply_key: &FlowKey,
+    f: &Flow,
+    timeouts_ns: &[u64; kpf_common::tcp::STATE_COUNT],
+    now: u64,
+) -> bool {
+    let Some(old) = table.get_ptr(reply_key) else {
+        // Gone since the caller looked: the port may be free now, but another CPU may be
+        // claiming it; the next probe is as good.
+        return false;
+    };
+    // SAFETY: a live map value, read only.
+    let old = unsafe { &*old };
+    if !tcp::reclaimable(timeouts_ns, old.state, old.last_seen_ns, now) {
+        return false;
+    }
+    let _ = table.remove(&FlowKey::reply_of(&old.nat));
+    let _ = table.remove(reply_key);
+    if HALF_OPEN.insert(reply_key, f, BPF_NOEXIST as u64).is_err() {
+        return false;
+    }
+    stats::count(Counter::SnatReclaimed);
+    true
+}
+
 /// Backend, next hop, SNAT port, both conntrack entries.
 #[inline(always)]
 fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) -> Result<u32, Counter> {
@@ -276,54 +365,28 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
-    // The first probed port whose connection has ended, and whether the established table holds
-    // it: used only if no probed port is free.
-    let mut ended: Option<(u16, bool)> = None;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
-        // A port is taken if an established connection or a handshake holds it.
-        if let Some(old) = FLOWS.get_ptr(&reply_key) {
-            // SAFETY: a live map value, read only.
-            let old = unsafe { &*old };
-            if ended.is_none() && tcp::reclaimable(&cfg.timeouts_ns, old.state, old.last_seen_ns, now) {
-                ended = Some((port, true));
-            }
-            continue;
-        }
         f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
-        if HALF_OPEN.insert(&reply_key, &*f, BPF_NOEXIST as u64).is_ok() {
+        // A port is taken while an established connection or a handshake holds it. One whose
+        // connection has ended (and stayed quiet for the grace period) or expired is taken
+        // over at once: under a steady stream of short connections most of the range is such
+        // ports, and probing past them for a never-used one made each SYN try dozens of ports.
+        let table: &LruHashMap<FlowKey, Flow> = if FLOWS.get_ptr(&reply_key).is_some() {
+            &FLOWS
+        } else if HALF_OPEN.insert(&reply_key, &*f, BPF_NOEXIST as u64).is_ok() {
+            claimed = Some(port);
+            break;
+        } else {
+            &HALF_OPEN
+        };
+        if reclaim(table, &reply_key, f, &cfg.timeouts_ns, now) {
             claimed = Some(port);
             break;
         }
-        if ended.is_none()
-            && let Some(old) = HALF_OPEN.get_ptr(&reply_key)
-        {
-            // SAFETY: a live map value, read only.
-            let old = unsafe { &*old };
-            if tcp::reclaimable(&cfg.timeouts_ns, old.state, old.last_seen_ns, now) {
-                ended = Some((port, false));
-            }
-        }
     }
-    let port = match claimed {
-        Some(p) => p,
-        None => {
-            let (port, established) = ended.ok_or(Counter::DropSnatExhausted)?;
-            let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
-            let table = if established { &FLOWS } else { &HALF_OPEN };
-            // The ended connection's two entries go; its port serves the new one.
-            if let Some(old) = table.get_ptr(&reply_key) {
-                // SAFETY: a live map value, read only.
-                let _ = table.remove(&FlowKey::reply_of(unsafe { &(*old).nat }));
-            }
-            let _ = table.remove(&reply_key);
-            f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
-            HALF_OPEN.insert(&reply_key, &*f, BPF_NOEXIST as u64).map_err(|_| Counter::DropSnatExhausted)?;
-            stats::count(Counter::SnatReclaimed);
-            port
-        }
-    };
+    let port = claimed.ok_or(Counter::DropSnatExhausted)?;
 
     f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
     f.next_hop = route.next_hop;

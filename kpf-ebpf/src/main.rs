@@ -7,6 +7,9 @@
 //! counters (stats.rs) say what happened.
 #![no_std]
 #![no_main]
+// Inline assembly for the one instruction Rust has no stable way to emit here (conntrack's
+// compare-and-exchange); aya-ebpf needs the same feature.
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod forward;

@@ -649,6 +649,9 @@ pub enum Check {
     DistinctSnat(Conn, Conn),
     /// The Original entry's cached next hop has this destination MAC.
     NextHopMac(Conn, [u8; 6]),
+    /// The connection holds the SNAT port one of these (ended or expired) connections held, and
+    /// that one's two entries are gone.
+    TookOver(Conn, [Conn; 2]),
 }
 
 pub struct Fixture {
@@ -664,6 +667,8 @@ pub struct Fixture {
     pub input: PacketFn,
     pub expect: Expect,
     pub checks: Vec<Check>,
+    /// Counter increments beyond the ones `expect` implies.
+    pub also_counts: Vec<Counter>,
 }
 
 impl Fixture {
@@ -677,6 +682,7 @@ impl Fixture {
             input,
             expect,
             checks: Vec::new(),
+            also_counts: Vec::new(),
         }
     }
 
@@ -746,13 +752,21 @@ impl Fixture {
         self
     }
 
+    /// The packet must also increment counter `c`.
+    pub fn counts(mut self, c: Counter) -> Fixture {
+        self.also_counts.push(c);
+        self
+    }
+
     /// Counter increments this fixture must cause.
     pub fn expected_counters(&self) -> Vec<Counter> {
-        match &self.expect {
+        let mut v = match &self.expect {
             Expect::Pass(c) | Expect::Drop(c) => vec![*c],
             Expect::Forward { new_flow: true, .. } => vec![Counter::NewFlows],
             Expect::Forward { .. } => vec![],
-        }
+        };
+        v.extend_from_slice(&self.also_counts);
+        v
     }
 }
 
@@ -1432,6 +1446,18 @@ pub fn fixtures() -> Vec<Fixture> {
         Box::new(move |_| frame.clone()),
         Expect::Drop(DropSnatExhausted),
     ));
+    t.push(
+        Fixture::client_segment(
+            "P3 again once both handshakes expired: takes over one of their ports, whose entries go",
+            p3,
+            true,
+            move |_| p3.c2f(SYN),
+        )
+        .setup(Setup::Timeout(SynSent, 0))
+        .setup(Setup::Sleep(Duration::from_millis(30)))
+        .counts(SnatReclaimed)
+        .check(Check::TookOver(p3, [p1, p2])),
+    );
 
     t
 }
@@ -1748,6 +1774,16 @@ impl<'a> Harness<'a> {
                 Check::DistinctSnat(x, y) => {
                     let (px, py) = (self.learned.snat(x.name), self.learned.snat(y.name));
                     if px == py { Err(format!("{} and {} both hold SNAT port {px}", x.name, y.name)) } else { Ok(()) }
+                }
+                Check::TookOver(conn, olds) => {
+                    let port = self.learned.snat(conn.name);
+                    match olds.iter().find(|o| self.learned.snat(o.name) == port) {
+                        None => Err(format!("{}: SNAT port {port} was none of {}'s and {}'s", conn.name, olds[0].name, olds[1].name)),
+                        Some(o) if flows_after.contains_key(&o.client_key()) => {
+                            Err(format!("{}: took {}'s port but {}'s Original entry is still there", conn.name, o.name, o.name))
+                        }
+                        Some(_) => Ok(()),
+                    }
                 }
                 Check::NextHopMac(conn, mac) => match flows_after.get(&conn.client_key()) {
                     Some(fl) if fl.next_hop.dst_mac == *mac && fl.next_hop.fib_gen == self.config.fib_gen => Ok(()),

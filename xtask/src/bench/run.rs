@@ -215,12 +215,13 @@ pub fn run(opts: Options) -> Result<()> {
         notes.push(format!(
             "kpf ran out of SNAT ports during the connection-rate test ({}). Every connection to the \
              echo backend needs its own gateway port from 40000–59999 toward the same backend address \
-             and port; a closed connection keeps its port for the Closing timeout (30 s by default) \
-             plus up to one GC interval, and a SYN tries only 32 consecutive ports from a hashed start, \
-             so SYNs start failing well before all 20000 ports are taken. Each dropped SYN costs a \
-             client thread the 1 s SYN retransmission timeout (the `slow` connections), which is what \
-             pulls kpf's connection rate down; nftables' masquerade keeps the client's port when it \
-             can and has no such per-backend budget.",
+             and port, and a closed connection keeps its port for a 1 s grace (late FIN \
+             retransmissions still find it), so a steady stream of short connections to one backend \
+             can use at most about 20,000 per second; near that rate, a SYN whose 64 probed ports are \
+             all in their grace is dropped. Each dropped SYN costs a client thread the 1 s SYN \
+             retransmission timeout (the `slow` connections). nftables' masquerade keeps the \
+             client's port when it can and has no such per-backend budget; a wider `snat_ports` \
+             range raises kpf's.",
             exhausted.join("; ")
         ));
     }
