@@ -154,12 +154,24 @@ pub const fn may_change(state: State, flags: u8) -> bool {
 /// `snat_ports` / grace when every connection is short.
 pub const RECLAIM_GRACE_NS: u64 = SEC;
 
-/// Whether a connection's SNAT port may go to a new connection when no free port is found: it
-/// has ended (both FINs or an RST, and quiet for the grace period) or expired.
+/// The last resort when every port a SYN probes is held, some by connections still in their
+/// grace: the one quiet longest goes to the new connection if it has been quiet this long, rather
+/// than dropping the SYN (which costs the client a 1 s retransmission). A lost last ACK makes
+/// the backend retransmit its FIN after its RTO, at least 200 ms; by this time that has normally
+/// happened (and refreshed the entry).
+pub const RECLAIM_MIN_QUIET_NS: u64 = SEC / 4;
+
+/// Whether a connection has ended: both FINs, or an RST.
+#[inline(always)]
+pub const fn ended(state: u8) -> bool {
+    matches!(State::from_u8(state), Some(State::Closing | State::Reset))
+}
+
+/// Whether a connection's SNAT port may go to a new connection: it has ended and stayed quiet for
+/// the grace period, or expired.
 #[inline(always)]
 pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let ended = matches!(State::from_u8(state), Some(State::Closing | State::Reset));
-    (ended && now_ns.saturating_sub(last_seen_ns) > RECLAIM_GRACE_NS) || expired(timeouts_ns, state, last_seen_ns, now_ns)
+    (ended(state) && now_ns.saturating_sub(last_seen_ns) > RECLAIM_GRACE_NS) || expired(timeouts_ns, state, last_seen_ns, now_ns)
 }
 
 /// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.

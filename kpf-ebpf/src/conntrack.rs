@@ -16,7 +16,7 @@ use kpf_common::{
 use crate::{
     forward,
     frame::Frame,
-    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, LOCAL_ADDRS, MAGLEV, SCRATCH},
+    maps::{ALLOW, BACKENDS, CONFIG, FLOWS, FRONTENDS, HALF_OPEN, LOCAL_ADDRS, MAGLEV, SCRATCH, SNAT_OLDEST},
     parse::{self, Packet, Parsed},
     stats,
 };
@@ -291,10 +291,15 @@ fn open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u64) 
     }
 }
 
+/// [`reclaim`] took the port.
+const TAKEN_OVER: u64 = u64::MAX;
+/// [`reclaim`] found the port held by a connection that has not ended.
+const IN_USE: u64 = 0;
+
 /// Takes over the SNAT port of the connection `table` holds under `reply_key` if that one has
-/// ended or expired: its two entries go, and `f` (the new reply entry) goes into the half-open
-/// table in their place. False if the port is still in use, or another CPU took it first. A
-/// separate BPF function: inlined into the probe loop it would multiply what the verifier walks.
+/// ended past its grace, or expired ([`TAKEN_OVER`]). Otherwise: when that connection has ended
+/// but is still in its grace, when it was last seen (a last-resort candidate), else [`IN_USE`].
+/// A separate BPF function: inlined into the probe loop it would multiply what the verifier walks.
 #[inline(never)]
 fn reclaim(
     table: &LruHashMap<FlowKey, Flow>,
@@ -302,18 +307,28 @@ fn reclaim(
     f: &Flow,
     timeouts_ns: &[u64; kpf_common::tcp::STATE_COUNT],
     now: u64,
-) -> bool {
+) -> u64 {
     let Some(old) = table.get_ptr(reply_key) else {
-        // Gone since the caller looked: the port may be free now, but another CPU may be
-        // claiming it; the next probe is as good.
+        // Gone since the caller looked: another CPU may be claiming it; the next probe is as good.
+        return IN_USE;
+    };
+    // SAFETY: a live map value, read only.
+    let (state, seen) = unsafe { ((*old).state, (*old).last_seen_ns) };
+    if tcp::reclaimable(timeouts_ns, state, seen, now) {
+        return if take_over(table, reply_key, f) { TAKEN_OVER } else { IN_USE };
+    }
+    if tcp::ended(state) { seen.clamp(1, TAKEN_OVER - 1) } else { IN_USE }
+}
+
+/// Removes both entries of the connection `table` holds under `reply_key` and puts `f` (the new
+/// reply entry) into the half-open table under that key. False if another CPU took it first.
+#[inline(never)]
+fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, f: &Flow) -> bool {
+    let Some(old) = table.get_ptr(reply_key) else {
         return false;
     };
     // SAFETY: a live map value, read only.
-    let old = unsafe { &*old };
-    if !tcp::reclaimable(timeouts_ns, old.state, old.last_seen_ns, now) {
-        return false;
-    }
-    let _ = table.remove(&FlowKey::reply_of(&old.nat));
+    let _ = table.remove(&FlowKey::reply_of(unsafe { &(*old).nat }));
     let _ = table.remove(reply_key);
     if HALF_OPEN.insert(reply_key, f, BPF_NOEXIST as u64).is_err() {
         return false;
@@ -365,6 +380,11 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
+    // The probed port whose ended connection was seen longest ago: the last resort.
+    let oldest = SNAT_OLDEST.get_ptr_mut(0).ok_or(Counter::DropSnatExhausted)?;
+    // SAFETY: this CPU's slot; nothing else touches it while the program runs here.
+    let oldest = unsafe { &mut *oldest };
+    oldest.seen = 0;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
@@ -381,12 +401,36 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
         } else {
             &HALF_OPEN
         };
-        if reclaim(table, &reply_key, f, &cfg.timeouts_ns, now) {
-            claimed = Some(port);
-            break;
+        match reclaim(table, &reply_key, f, &cfg.timeouts_ns, now) {
+            TAKEN_OVER => {
+                claimed = Some(port);
+                break;
+            }
+            IN_USE => {}
+            seen => {
+                if oldest.seen == 0 || seen < oldest.seen {
+                    oldest.seen = seen;
+                    oldest.port = port;
+                    oldest.in_flows = core::ptr::eq(table, &FLOWS);
+                }
+            }
         }
     }
-    let port = claimed.ok_or(Counter::DropSnatExhausted)?;
+    let port = match claimed {
+        Some(p) => p,
+        // Every probed port is held. Rather than drop the SYN, take the one whose connection
+        // ended longest ago, if that is long enough (see tcp::RECLAIM_MIN_QUIET_NS).
+        None if oldest.seen != 0 && now.saturating_sub(oldest.seen) >= tcp::RECLAIM_MIN_QUIET_NS => {
+            let port = oldest.port;
+            let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
+            f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+            if !take_over(if oldest.in_flows { &FLOWS } else { &HALF_OPEN }, &reply_key, f) {
+                return Err(Counter::DropSnatExhausted);
+            }
+            port
+        }
+        None => return Err(Counter::DropSnatExhausted),
+    };
 
     f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
     f.next_hop = route.next_hop;

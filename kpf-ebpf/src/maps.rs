@@ -58,6 +58,19 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 #[map(name = "KPF_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// The last-resort SNAT port a SYN's probes found (see `conntrack::try_open`), per CPU: kept in a
+/// map rather than in registers, where the verifier would follow every value it takes through
+/// all 64 probes (and give up).
+#[map(name = "KPF_SNAT_OLDEST")]
+pub static SNAT_OLDEST: PerCpuArray<SnatOldest> = PerCpuArray::with_max_entries(1, 0);
+
+/// See [`SNAT_OLDEST`]. `seen == 0`: none found yet.
+pub struct SnatOldest {
+    pub seen: u64,
+    pub port: u16,
+    pub in_flows: bool,
+}
+
 /// Each CPU's last route to each backend, by backend id: spares new connections (and flows
 /// re-routed after a routing change) a FIB lookup each. Not pinned: a cache.
 #[map(name = "KPF_ROUTES")]
