@@ -164,7 +164,10 @@ pub const RECLAIM_MIN_QUIET_NS: u64 = SEC / 4;
 /// Whether a connection has ended: both FINs, or an RST.
 #[inline(always)]
 pub const fn ended(state: u8) -> bool {
-    matches!(State::from_u8(state), Some(State::Closing | State::Reset))
+    match State::from_u8(state) {
+        Some(s) => s.reusable(),
+        None => false,
+    }
 }
 
 /// Whether a connection's SNAT port may go to a new connection: it has ended and stayed quiet for

@@ -313,22 +313,20 @@ fn reclaim(
         return IN_USE;
     };
     // SAFETY: a live map value, read only.
-    let (state, seen) = unsafe { ((*old).state, (*old).last_seen_ns) };
+    let old = unsafe { &*old };
+    let (state, seen) = (old.state, old.last_seen_ns);
     if tcp::reclaimable(timeouts_ns, state, seen, now) {
-        return if take_over(table, reply_key, f) { TAKEN_OVER } else { IN_USE };
+        return if take_over(table, reply_key, &old.nat, f) { TAKEN_OVER } else { IN_USE };
     }
     if tcp::ended(state) { seen.clamp(1, TAKEN_OVER - 1) } else { IN_USE }
 }
 
-/// Removes both entries of the connection `table` holds under `reply_key` and puts `f` (the new
-/// reply entry) into the half-open table under that key. False if another CPU took it first.
+/// Removes both entries of the connection `table` holds under `reply_key` (whose rewrite is
+/// `old_nat`) and puts `f` (the new reply entry) into the half-open table under that key. False if
+/// another CPU took it first.
 #[inline(never)]
-fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, f: &Flow) -> bool {
-    let Some(old) = table.get_ptr(reply_key) else {
-        return false;
-    };
-    // SAFETY: a live map value, read only.
-    let _ = table.remove(&FlowKey::reply_of(unsafe { &(*old).nat }));
+fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, old_nat: &Nat, f: &Flow) -> bool {
+    let _ = table.remove(&FlowKey::reply_of(old_nat));
     let _ = table.remove(reply_key);
     if HALF_OPEN.insert(reply_key, f, BPF_NOEXIST as u64).is_err() {
         return false;
@@ -424,7 +422,10 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
             let port = oldest.port;
             let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
             f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
-            if !take_over(if oldest.in_flows { &FLOWS } else { &HALF_OPEN }, &reply_key, f) {
+            let table = if oldest.in_flows { &FLOWS } else { &HALF_OPEN };
+            let old = table.get_ptr(&reply_key).ok_or(Counter::DropSnatExhausted)?;
+            // SAFETY: a live map value, read only.
+            if !take_over(table, &reply_key, unsafe { &(*old).nat }, f) {
                 return Err(Counter::DropSnatExhausted);
             }
             port

@@ -160,8 +160,8 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
 
 impl Daemon {
     /// Checks the host, loads the program (adopting pinned state), fills its maps and attaches.
-    pub fn start(mut config: Config, opts: Options, health_tx: mpsc::Sender<health::Outcome>) -> Result<Daemon> {
-        require_root()?;
+    /// [`run`] has checked the rights already.
+    fn start(mut config: Config, opts: Options, health_tx: mpsc::Sender<health::Outcome>) -> Result<Daemon> {
         if let Some(m) = opts.mode {
             config.mode = m;
         }

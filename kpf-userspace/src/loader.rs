@@ -45,7 +45,7 @@ const MAP_NAMES: [&str; 13] = [
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpf"));
 
 /// How a program ended up attached to one interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Native,
@@ -198,7 +198,7 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Attaches to `iface` (`Auto`: native where the driver can, else generic), registering it
+    /// Attaches to `iface` (`Auto`: native where the driver can, else tc), registering it
     /// as a redirect target before the program sees its packets.
     fn attach_new(&mut self, iface: &str, mode: Mode) -> Result<(AttachMode, FdLink)> {
         let ifindex = ifindex(iface)?;
@@ -254,7 +254,7 @@ impl Dataplane {
     /// allows, this program replaces the old one inside that link atomically.
     pub fn attach_pinned(&mut self, iface: &str, mode: Mode, pins: &PinDir) -> Result<Attached> {
         let ifindex = ifindex(iface)?;
-        let existing = pinned_link_modes(pins, ifindex)?;
+        let mut existing = pinned_link_modes(pins, ifindex)?;
         let wanted = AttachMode::candidates(mode);
         if let Some(&m) = wanted.iter().find(|m| existing.contains(m)) {
             self.register_iface(ifindex, iface_mtu(iface)?)?;
@@ -282,16 +282,17 @@ impl Dataplane {
             // One XDP program per interface: the old one must go first, and for that moment
             // packets reach the kernel (new connections are refused, established ones reset).
             log::warn!("{iface}: switching XDP mode to {mode:?}: forwarding stops for a moment");
-            for old in &existing {
-                unpin_link_mode(pins, ifindex, *old)?;
+            for old in existing.drain(..) {
+                unpin_link_mode(pins, ifindex, old)?;
             }
         }
         let (m, fd_link) = self.attach_new(iface, mode)?;
         let path = pins.link(ifindex, m.as_str());
         fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
         // Between XDP and tc there is no gap: both share the maps, and while both are attached
-        // XDP, which runs first, handles every packet; removing the old link hands over.
-        for old in pinned_link_modes(pins, ifindex)?.into_iter().filter(|o| *o != m) {
+        // XDP, which runs first, handles every packet; removing the old link hands over. (`m` is
+        // not among `existing`: that case was adopted above.)
+        for old in existing {
             log::info!("{iface}: switched from {} to {} without a gap", old.describe(), m.describe());
             unpin_link_mode(pins, ifindex, old)?;
         }

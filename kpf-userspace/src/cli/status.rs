@@ -1,6 +1,7 @@
 use kpf::{
     control::{self, Request},
     daemon::{BackendStatus, FrontendStatus},
+    loader::AttachMode,
 };
 use serde::Deserialize;
 
@@ -17,7 +18,7 @@ pub struct Args {
 #[derive(Deserialize)]
 struct Iface {
     iface: String,
-    mode: String,
+    mode: AttachMode,
 }
 
 #[derive(Deserialize)]
@@ -41,11 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s: Status = serde_json::from_value(answer)?;
     println!("kpf pid {} up {}s, pinned in {}", s.pid, s.uptime_s, s.pin_dir);
     for i in &s.interfaces {
-        let how = match i.mode.as_str() {
-            "tc" => "tc ingress".to_owned(),
-            m => format!("{m} XDP"),
-        };
-        println!("interface {} ({how})", i.iface);
+        println!("interface {} ({})", i.iface, i.mode.describe());
     }
     println!("{} live connection(s)\n", s.tracked_connections);
     println!("{:<22} {:<22} {:>10} {:>14} {:>10} {:>6}", "FRONTEND", "BACKEND", "PACKETS", "BYTES", "NEW", "LIVE");

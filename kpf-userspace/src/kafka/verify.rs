@@ -121,10 +121,9 @@ pub fn verify(o: &Options) -> Result<Report, String> {
             &generated
         }
     };
-    let topic_str = topic.to_owned();
     let boot_addr = SocketAddr::new(o.connect, o.bootstrap_port);
     let mut boot = Conn::connect(boot_addr, o.timeout).map_err(|e| format!("bootstrap {boot_addr}: {e}"))?;
-    let m = metadata(&mut boot, &topic_str)?;
+    let m = metadata(&mut boot, topic)?;
     let mut brokers: Vec<(i32, String, u16)> =
         m.brokers.iter().map(|b| (b.node_id.0, b.host.as_str().to_owned(), b.port as u16)).collect();
     brokers.sort();
@@ -133,26 +132,26 @@ pub fn verify(o: &Options) -> Result<Report, String> {
     }
 
     let mut created = false;
-    let mut owners = layout(&m, &topic_str)?;
+    let mut owners = layout(&m, topic)?;
     if owners.is_none() {
-        let topic = CreatableTopic::default()
-            .with_name(topic_name(&topic_str))
+        let creatable = CreatableTopic::default()
+            .with_name(topic_name(topic))
             .with_num_partitions(brokers.len() as i32)
             .with_replication_factor(1);
-        let req = CreateTopicsRequest::default().with_topics(vec![topic]).with_timeout_ms(o.timeout.as_millis() as i32);
+        let req = CreateTopicsRequest::default().with_topics(vec![creatable]).with_timeout_ms(o.timeout.as_millis() as i32);
         let (r, _) = boot.call::<_, CreateTopicsResponse>(ApiKey::CreateTopics, &req)?;
         match r.topics.first().map(|t| t.error_code) {
             Some(0) => created = true,
             Some(TOPIC_ALREADY_EXISTS) => {}
-            other => return Err(format!("creating {}: error code {other:?}", topic_str)),
+            other => return Err(format!("creating {}: error code {other:?}", topic)),
         }
         let deadline = Instant::now() + o.timeout.max(Duration::from_secs(15));
         while owners.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
-            owners = layout(&metadata(&mut boot, &topic_str)?, &topic_str)?;
+            owners = layout(&metadata(&mut boot, topic)?, topic)?;
         }
     }
-    let owners = owners.ok_or_else(|| format!("topic {} has no leader for every partition yet", topic_str))?;
+    let owners = owners.ok_or_else(|| format!("topic {} has no leader for every partition yet", topic))?;
 
     let mut rows = Vec::new();
     for (id, host, port) in &brokers {
@@ -166,7 +165,7 @@ pub fn verify(o: &Options) -> Result<Report, String> {
             detail: String::new(),
         };
         if !owners.values().any(|o| o == id) {
-            row.detail = format!("no partition of {} is on broker {id}; use a fresh --topic", topic_str);
+            row.detail = format!("no partition of {} is on broker {id}; use a fresh --topic", topic);
             rows.push(row);
             continue;
         }
@@ -175,7 +174,7 @@ pub fn verify(o: &Options) -> Result<Report, String> {
         // answers, ask again for a moment before calling it a failure.
         let deadline = Instant::now() + Duration::from_secs(5);
         let answer = loop {
-            let a = probe(addr, &topic_str, &owners, o.timeout);
+            let a = probe(addr, topic, &owners, o.timeout);
             match &a {
                 Ok((answered, _, _)) if answered.is_empty() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
@@ -203,15 +202,15 @@ pub fn verify(o: &Options) -> Result<Report, String> {
 
     if created && !o.keep_topic {
         let req = DeleteTopicsRequest::default()
-            .with_topic_names(vec![topic_name(&topic_str)])
-            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(&topic_str)))])
+            .with_topic_names(vec![topic_name(topic)])
+            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(topic)))])
             .with_timeout_ms(o.timeout.as_millis() as i32);
         match boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &req) {
-            Err(e) => log::warn!("could not delete the verification topic {topic_str}: {e}"),
+            Err(e) => log::warn!("could not delete the verification topic {topic}: {e}"),
             Ok(_) => {
                 // Deletion is asynchronous: wait (briefly) until the metadata no longer lists it.
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline && metadata(&mut boot, &topic_str).is_ok_and(|m| layout(&m, &topic_str).ok().flatten().is_some()) {
+                while Instant::now() < deadline && metadata(&mut boot, topic).is_ok_and(|m| layout(&m, topic).ok().flatten().is_some()) {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
