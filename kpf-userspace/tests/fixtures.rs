@@ -3,12 +3,7 @@
 
 mod fixture_support;
 
-use fixture_support::{Attach, Topology, fixtures};
-
-fn root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use fixture_support::{Attach, Topology, fixtures, root};
 
 #[test]
 fn fixture_table() {

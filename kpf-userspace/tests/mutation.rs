@@ -18,19 +18,15 @@ mod fixture_support;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use fixture_support::{ACK, Attach, Conn, FIN, PSH, RST, SNAT_MAX, SNAT_MIN, SYN, Side, Topology, Tcp4, l3_offset};
+use fixture_support::{ACK, Action, Attach, Conn, FIN, PSH, RST, SNAT_MAX, SNAT_MIN, SYN, Side, Topology, Tcp4, l3_offset, root};
 use kpf_common::{Counter, FlowKey, csum, wire};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-fn root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+// Verdicts as the harness reports them, tc runs included (as patterns for `match`).
+const XDP_DROP: u32 = Action::Drop as u32;
+const XDP_PASS: u32 = Action::Pass as u32;
+const XDP_TX: u32 = Action::Tx as u32;
+const XDP_REDIRECT: u32 = Action::Redirect as u32;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -634,15 +634,6 @@ impl KafkaCluster {
         Ok(())
     }
 
-    /// `(node id, address)` of every broker.
-    pub fn brokers(&self) -> Vec<(u32, Ipv4Addr)> {
-        self.brokers.iter().map(|b| (b.id, b.addr)).collect()
-    }
-
-    pub fn cluster_id(&self) -> &str {
-        &self.cluster_id
-    }
-
     /// The directory holding every broker's config, data and log (removed on drop).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -81,13 +81,16 @@ pub fn kpf_binary() -> io::Result<PathBuf> {
     ))
 }
 
-/// A config for `kpf run`: `interfaces`, SNAT ports 40000-59999, `manage_sysctls = true`, no
+/// The SNAT range [`config_toml`] gives kpf.
+pub const SNAT_PORTS: &str = "40000-59999";
+
+/// A config for `kpf run`: `interfaces`, SNAT ports [`SNAT_PORTS`], `manage_sysctls = true`, no
 /// health checks (the test backends log every connection that sends no request, as a probe does),
 /// and one frontend per `(frontend, backend)` pair.
 pub fn config_toml(interfaces: &[&str], mode: Mode, frontends: &[(SocketAddrV4, SocketAddrV4)]) -> String {
     let ifaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
     let mut s = format!(
-        "interfaces = [{}]\nmode = \"{mode}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\n[health]\ncheck = \"none\"\n",
+        "interfaces = [{}]\nmode = \"{mode}\"\nsnat_ports = \"{SNAT_PORTS}\"\nmanage_sysctls = true\n\n[health]\ncheck = \"none\"\n",
         ifaces.join(", ")
     );
     for (fe, be) in frontends {
@@ -150,6 +153,13 @@ pub struct Stopped {
     pub down_failed: Option<String>,
     /// Whether it had to be killed because it did not stop within [`STOP_TIMEOUT`].
     pub killed: bool,
+}
+
+impl Stopped {
+    /// `kpf down` worked and kpf exited by itself, successfully.
+    pub fn is_clean(&self) -> bool {
+        self.status.success() && self.down_failed.is_none() && !self.killed
+    }
 }
 
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);

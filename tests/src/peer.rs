@@ -733,7 +733,7 @@ pub fn stream(addr: SocketAddr, seed: u64, len: u64) -> io::Result<StreamResult>
 // ---------------------------------------------------------------------------------------------
 // Checksum control
 
-fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+pub(crate) fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
     for pair in data.chunks(2) {
         let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
         sum += word as u32;
@@ -741,7 +741,7 @@ fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
     sum
 }
 
-fn csum_fold(mut sum: u32) -> u16 {
+pub(crate) fn csum_fold(mut sum: u32) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }

@@ -29,7 +29,7 @@ use std::{io, net::Ipv4Addr};
 
 use crate::{
     netns::{Netns, veth},
-    topology::Topology,
+    topology::{addr, endpoint, gateway_ns},
 };
 
 /// The route MTU of the routers' links toward the endpoints.
@@ -53,17 +53,6 @@ pub struct Routed {
     pub gateway_backend_addr: Ipv4Addr,
     /// 10.100.3.21.
     pub backend_addrs: Vec<Ipv4Addr>,
-    pub gateway_ifaces: Vec<&'static str>,
-}
-
-fn addr(ns: &Netns, dev: &str, cidr: &str) -> io::Result<()> {
-    ns.ip(&["addr", "add", cidr, "dev", dev]).map(drop)
-}
-
-/// An endpoint's interface: software checksums both ways, and a queue in front of the veth.
-fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
-    ns.ethtool_k(dev, &["tx", "off", "rx", "off"])?;
-    ns.run("tc", &["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "10000"]).map(drop)
 }
 
 /// A router's interface: nothing marks a packet as verified; a queue in front of the veth;
@@ -90,8 +79,7 @@ impl Routed {
     pub fn new() -> io::Result<Routed> {
         let client = Netns::new("cl")?;
         let client_router = router("rc")?;
-        let gateway = Netns::new("gw")?;
-        gateway.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+        let gateway = gateway_ns()?;
         let backend_router = router("rb")?;
         let backend = Netns::new("b1")?;
 
@@ -139,39 +127,6 @@ impl Routed {
             gateway_client_addr: Ipv4Addr::new(10, 100, 1, 1),
             gateway_backend_addr: Ipv4Addr::new(10, 100, 2, 1),
             backend_addrs: vec![Ipv4Addr::new(10, 100, 3, 21)],
-            gateway_ifaces: vec!["eth0", "eth1"],
         })
-    }
-}
-
-impl Topology for Routed {
-    fn name(&self) -> &'static str {
-        "routed"
-    }
-    fn client(&self) -> &Netns {
-        &self.client
-    }
-    fn gateway(&self) -> &Netns {
-        &self.gateway
-    }
-    fn backends(&self) -> &[Netns] {
-        &self.backends
-    }
-    fn client_addr(&self) -> Ipv4Addr {
-        self.client_addr
-    }
-    fn frontend_addr(&self) -> Ipv4Addr {
-        self.gateway_client_addr
-    }
-    fn backend_addrs(&self) -> &[Ipv4Addr] {
-        &self.backend_addrs
-    }
-    fn gateway_interfaces(&self) -> &[&'static str] {
-        &self.gateway_ifaces
-    }
-    fn namespaces(&self) -> Vec<&Netns> {
-        let mut v = vec![&self.client, &self.client_router, &self.gateway, &self.backend_router];
-        v.extend(&self.backends);
-        v
     }
 }

@@ -15,7 +15,10 @@ use std::{
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::netns::Netns;
+use crate::{
+    netns::Netns,
+    peer::{csum_add, csum_fold},
+};
 
 /// The only network spoofed (or real) addresses may come from: 10.100.0.0/16.
 pub const TEST_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 100, 0, 0), 16);
@@ -84,20 +87,6 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(parts.next()?, 16).ok()?;
     }
     parts.next().is_none().then_some(out)
-}
-
-fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    for pair in data.chunks(2) {
-        sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
-    }
-    sum
-}
-
-fn csum_fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// One Ethernet frame: IPv4 (DF, TTL 64) + TCP SYN with an MSS option, every checksum complete.

@@ -62,12 +62,12 @@ pub trait Topology {
 /// Backend identities, in order.
 pub const BACKEND_NAMES: [&str; 3] = ["b1", "b2", "b3"];
 
-fn addr(ns: &Netns, dev: &str, cidr: &str) -> io::Result<()> {
+pub(crate) fn addr(ns: &Netns, dev: &str, cidr: &str) -> io::Result<()> {
     ns.ip(&["addr", "add", cidr, "dev", dev]).map(drop)
 }
 
 /// An endpoint's interface: software checksums both ways, and a queue in front of the veth.
-fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
+pub(crate) fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
     ns.ethtool_k(dev, &["tx", "off", "rx", "off"])?;
     ns.run("tc", &["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "10000"]).map(drop)
 }
@@ -107,7 +107,7 @@ fn plug(sw: &Netns, port: &str, ns: &Netns, dev: &str, gateway_side: bool) -> io
     sw.run("tc", &["qdisc", "replace", "dev", port, "root", "pfifo", "limit", "10000"]).map(drop)
 }
 
-fn gateway_ns() -> io::Result<Netns> {
+pub(crate) fn gateway_ns() -> io::Result<Netns> {
     let gw = Netns::new("gw")?;
     gw.sysctl("net.ipv4.conf.all.forwarding", "1")?;
     Ok(gw)

@@ -233,7 +233,7 @@ impl Setup {
         if let Some(kpf) = self.kpf.take() {
             let stopped = kpf.stop();
             assert!(
-                stopped.status.success() && !stopped.killed && stopped.down_failed.is_none(),
+                stopped.is_clean(),
                 "kpf did not stop cleanly: {stopped:?}"
             );
             assert!(self.xdp_prog_id().is_none(), "XDP still attached after kpf down");

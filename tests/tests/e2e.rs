@@ -167,7 +167,7 @@ fn e2e<T: Topology + Sync>(build: fn() -> io::Result<T>, mode: Mode) {
         let stopped = kpf.stop();
         eprintln!("  kpf log:\n{}", stopped.log.trim_end().lines().map(|l| format!("    {l}\n")).collect::<String>());
         assert!(
-            stopped.status.success() && !stopped.killed && stopped.down_failed.is_none(),
+            stopped.is_clean(),
             "kpf did not stop cleanly: {stopped:?}"
         );
         // `kpf down` detaches: no XDP program may be left on the gateway's interfaces...

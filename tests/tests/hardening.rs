@@ -54,6 +54,11 @@ fn step(t: &mut Instant, what: &str) {
     *t = Instant::now();
 }
 
+/// `PORTS[i]` -> backend i's `BACKEND_PORT`, for every backend.
+fn port_mapping(topo: &OneNic) -> Vec<(u16, SocketAddrV4)> {
+    PORTS.iter().zip(&topo.backend_addrs).map(|(&p, &b)| (p, SocketAddrV4::new(b, BACKEND_PORT))).collect()
+}
+
 /// After a test dropped everything: no namespace or bpffs mount of this process is left.
 fn nothing_left() {
     let left = netns::own_namespaces().expect("listing namespaces");
@@ -179,8 +184,7 @@ fn syn_flood_does_not_touch_established() {
         let backends = start_backends(&topo.backends);
         let gw = topo.gateway_addr;
         let fe = |port: u16| SocketAddr::V4(SocketAddrV4::new(gw, port));
-        let mapping: Vec<(u16, SocketAddrV4)> =
-            PORTS.iter().zip(&topo.backend_addrs).map(|(&p, &b)| (p, SocketAddrV4::new(b, BACKEND_PORT))).collect();
+        let mapping = port_mapping(&topo);
         let text = config(&["eth0"], "snat_ports = \"40000-59999\"\nmax_flows = 1024\n", "", Some(gw), &mapping);
         let kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         step(&mut t, "topology, backends, kpf ready");
@@ -356,7 +360,7 @@ fn syn_flood_does_not_touch_established() {
         }
         drop(backends);
         let stopped = kpf.stop();
-        assert!(stopped.status.success() && stopped.down_failed.is_none() && !stopped.killed, "{stopped:?}");
+        assert!(stopped.is_clean(), "{stopped:?}");
     }
     drop(topo);
     nothing_left();
@@ -579,7 +583,7 @@ fn idle_connections_expire_and_ports_free() {
         }
         drop(backends);
         let stopped = kpf.stop();
-        assert!(stopped.status.success() && stopped.down_failed.is_none() && !stopped.killed, "{stopped:?}");
+        assert!(stopped.is_clean(), "{stopped:?}");
     }
     drop(topo);
     nothing_left();
@@ -744,7 +748,7 @@ fn pmtu_through_the_gateway() {
         assert_eq!(backend.problems(), Vec::<String>::new());
         drop(backend);
         let stopped = kpf.stop();
-        assert!(stopped.status.success() && stopped.down_failed.is_none() && !stopped.killed, "{stopped:?}");
+        assert!(stopped.is_clean(), "{stopped:?}");
         step(&mut t, "checked");
     }
     drop(topo);
@@ -1307,8 +1311,7 @@ fn control_socket_survives_garbage() {
     {
         let backends = start_backends(&topo.backends);
         let mut pins = BpfFs::new().expect("mounting a bpffs");
-        let mapping: Vec<(u16, SocketAddrV4)> =
-            PORTS.iter().zip(&topo.backend_addrs).map(|(&p, &b)| (p, SocketAddrV4::new(b, BACKEND_PORT))).collect();
+        let mapping = port_mapping(&topo);
         let top = format!("snat_ports = \"40000-59999\"\npin_dir = {:?}\n", pins.path().display().to_string());
         let text = config(&["eth0"], &top, "", None, &mapping);
         let mut kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
@@ -1489,7 +1492,7 @@ fn control_socket_survives_garbage() {
             violations.len(),
             violations.join("\n  ")
         );
-        assert!(stopped.status.success() && stopped.down_failed.is_none() && !stopped.killed, "{stopped:?}");
+        assert!(stopped.is_clean(), "{stopped:?}");
         drop(pins);
     }
     drop(topo);
@@ -1601,8 +1604,7 @@ fn refuses_without_rights() {
     let mut problems: Vec<String> = Vec::new();
     {
         let backends = start_backends(&topo.backends);
-        let mapping: Vec<(u16, SocketAddrV4)> =
-            PORTS.iter().zip(&topo.backend_addrs).map(|(&p, &b)| (p, SocketAddrV4::new(b, BACKEND_PORT))).collect();
+        let mapping = port_mapping(&topo);
         let text = config(&["eth0"], "snat_ports = \"40000-59999\"\n", "", None, &mapping);
         let kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         let pid = kpf.pid().unwrap();

@@ -382,7 +382,7 @@ fn kafka_through_kpf() {
     assert!(!dir.exists() && !hosts_dir.exists(), "left behind: {} or {}", dir.display(), hosts_dir.display());
     let stopped = kpf.stop();
     assert!(
-        stopped.status.success() && !stopped.killed && stopped.down_failed.is_none(),
+        stopped.is_clean(),
         "kpf did not stop cleanly: {stopped:?}"
     );
     drop(topo);

@@ -169,7 +169,7 @@ fn epilogue(pool: Pool) {
     let Pool { kpf, servers, topo } = pool;
     let stopped = kpf.stop();
     assert!(
-        stopped.status.success() && !stopped.killed && stopped.down_failed.is_none(),
+        stopped.is_clean(),
         "kpf did not stop cleanly: {stopped:?}"
     );
     drop(servers);

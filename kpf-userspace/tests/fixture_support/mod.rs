@@ -73,6 +73,12 @@ pub const BACKEND_PORT: u16 = 39092;
 pub const SNAT_MIN: u16 = 40000;
 pub const SNAT_MAX: u16 = 59999;
 
+/// These tests load BPF programs and make network namespaces: they need root.
+pub fn root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The frontends the program is loaded with: (address or wildcard, port, id, backend).
 pub const FRONTENDS: [(Option<Ipv4Addr>, u16, u32, Ipv4Addr); 6] = [
     (None, 9093, 0, BACKEND_A),
@@ -1496,7 +1502,6 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
-/// The loaded program in the gateway namespace, plus what the table has learned.
 /// Which of kpf's programs the harness runs packets through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
@@ -1507,6 +1512,7 @@ pub enum Attach {
     Tc,
 }
 
+/// The loaded program in the gateway namespace, plus what the table has learned.
 pub struct Harness<'a> {
     pub gw: &'a Netns,
     pub attach: Attach,
