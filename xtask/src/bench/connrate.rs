@@ -43,6 +43,12 @@ pub struct ConnRate {
     pub first_error: Option<String>,
 }
 
+impl ConnRate {
+    pub fn cpu_s_per_1000_conns(&self) -> f64 {
+        self.cpu_s / (self.conns_total as f64 / 1000.0)
+    }
+}
+
 fn one(addr: &SocketAddr) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;

@@ -15,8 +15,7 @@ pub struct Machine {
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
-    let o = cmd.output().ok()?;
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    crate::util::probe(cmd).map(|s| s.trim().to_owned())
 }
 
 pub fn machine() -> Machine {

@@ -111,8 +111,11 @@ fn flows_map(h: &mut Harness<'_>) -> Result<BpfHashMap<MapData, FlowKey, Flow>> 
 }
 
 fn counter(h: &Harness<'_>, c: Counter) -> Result<u64> {
-    let all = h.dp.counters().map_err(|e| anyhow!("{e}"))?;
-    Ok(all.into_iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| v))
+    h.dp.counter(c).map_err(|e| anyhow!("{e}"))
+}
+
+fn flow(h: &Harness<'_>, key: &FlowKey) -> Result<Option<Flow>> {
+    h.dp.flow(key).map_err(|e| anyhow!("{e}"))
 }
 
 fn run(h: &mut Harness<'_>, ingress: u32, frame: &[u8], repeat: u32, want: Action) -> Result<(f64, Vec<u8>)> {
@@ -132,16 +135,14 @@ fn open_established(h: &mut Harness<'_>, conn: &Conn) -> Result<(FlowKey, Flow)>
     let (c0, b0) = (h.ifaces.c0, h.ifaces.b0);
     run(h, c0, &conn.c2f(SYN).bytes(), 1, Action::Redirect).context("SYN")?;
     let key = conn.client_key();
-    let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
-    let orig = flows.iter().find(|(k, _)| *k == key).map(|(_, f)| *f).context("no Original entry after the SYN")?;
+    let orig = flow(h, &key)?.context("no Original entry after the SYN")?;
     let snat = wire::to_port(orig.nat.src_port);
     let synack = Tcp4::new(BACKEND_A_MAC, B0_MAC, conn.backend, SocketAddrV4::new(GW_B, snat), SYN | ACK)
         .with(|p| p.seq = 5000)
         .bytes();
     run(h, b0, &synack, 1, Action::Redirect).context("SYN-ACK")?;
     run(h, c0, &conn.c2f(ACK).with(|p| p.seq = 1001).bytes(), 1, Action::Redirect).context("ACK")?;
-    let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
-    let orig = flows.into_iter().find(|(k, _)| *k == key).map(|(_, f)| f).context("Original entry vanished")?;
+    let orig = flow(h, &key)?.context("Original entry vanished")?;
     ensure!(orig.state == State::Established as u8, "connection state {} after the handshake", orig.state);
     Ok((key, orig))
 }
@@ -153,26 +154,13 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
     let lookup = RawXdp::lru_lookup(2048)?;
 
     // Unmapped: a segment to a gateway port no frontend maps.
-    let unmapped = Tcp4::new(
-        fixture_support::CLIENT_MAC,
-        fixture_support::C0_MAC,
-        SocketAddrV4::new(fixture_support::CLIENT, 50001),
-        SocketAddrV4::new(GW_C, 9999),
-        ACK,
-    )
-    .bytes();
+    let to_port = |name, cport, port| Conn { frontend: SocketAddrV4::new(GW_C, port), ..Conn::to_a(name, cport) };
+    let unmapped = to_port("unmapped", 50001, 9999).c2f(ACK).bytes();
 
     // Diagnostic: a SYN to *:9096, whose backend has a route but no neighbour entry: the
     // frontend lookups, the locality FIB lookup and the backend FIB lookup run, then it is
     // dropped (frame untouched), so it repeats like the unmapped case.
-    let no_neigh = Tcp4::new(
-        fixture_support::CLIENT_MAC,
-        fixture_support::C0_MAC,
-        SocketAddrV4::new(fixture_support::CLIENT, 50002),
-        SocketAddrV4::new(GW_C, 9096),
-        SYN,
-    )
-    .bytes();
+    let no_neigh = to_port("no-neighbour", 50002, 9096).c2f(SYN).bytes();
 
     // Established: a real connection through *:9093 plus the bench-only return entry.
     let conn = Conn::to_a("bench", 50000);
@@ -195,8 +183,7 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
     });
     let established = data.bytes();
     let packets = |h: &Harness<'_>| -> Result<u64> {
-        let flows = h.dp.flows().map_err(|e| anyhow!("{e}"))?;
-        Ok(flows.iter().filter(|(k, _)| *k == x_key || *k == y_key).map(|(_, f)| f.packets).sum())
+        Ok(flow(h, &x_key)?.map_or(0, |f| f.packets) + flow(h, &y_key)?.map_or(0, |f| f.packets))
     };
 
     // Frees the table (and SNAT ports) after a batch of SYNs; keeps the established pair.

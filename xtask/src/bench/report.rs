@@ -17,11 +17,9 @@ pub fn write_json(r: &Results, dir: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn write_markdown(r: &Results, dir: &Path) -> Result<String> {
-    let md = markdown(r);
+pub fn write_markdown(r: &Results, dir: &Path) -> Result<()> {
     let path = dir.join("results.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
-    Ok(md)
+    std::fs::write(&path, markdown(r)).with_context(|| format!("writing {}", path.display()))
 }
 
 fn num(v: f64, decimals: usize) -> String {

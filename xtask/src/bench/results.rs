@@ -133,10 +133,7 @@ pub const METRICS: &[Metric] = &[
         chart: Some("conns per CPU-s"),
         higher_is_better: false,
         decimals: 3,
-        get: |r| {
-            let c = r.connrate.as_ref()?;
-            Some(c.cpu_s / (c.conns_total as f64 / 1000.0))
-        },
+        get: |r| Some(r.connrate.as_ref()?.cpu_s_per_1000_conns()),
     },
 ];
 

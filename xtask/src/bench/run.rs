@@ -322,9 +322,6 @@ fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, basel
         }
         Err(e) => out.errors.push(format!("reading interface settings: {e:#}")),
     }
-    if let Err(e) = bench.ensure_sockperf() {
-        out.errors.push(format!("sockperf server: {e:#}"));
-    }
     let t = Instant::now();
     let mut active = match spec.start(bench) {
         Ok(a) => a,
@@ -349,10 +346,8 @@ fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, basel
             step(&tag, "bulk ←backend", &mut out, || throughput::measure(bench, iperf, secs, true), show_bulk)?;
     }
     let sp = active.target(Service::Sockperf);
-    out.latency = if !plan.wants("latency") {
-        None
-    } else {
-        step(
+    if plan.wants("latency") {
+        out.latency = step(
             &tag,
             "latency",
             &mut out,
@@ -363,14 +358,12 @@ fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, basel
                     l.rtt_avg_us, l.rtt_p50_us, l.rtt_p99_us, l.transactions_per_s
                 )
             },
-        )?
-    };
+        )?;
+    }
     let echo = active.target(Service::Echo);
     let served = bench.echo_served();
-    out.connrate = if !plan.wants("connrate") {
-        None
-    } else {
-        step(
+    if plan.wants("connrate") {
+        out.connrate = step(
             &tag,
             "conn rate",
             &mut out,
@@ -383,11 +376,11 @@ fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, basel
                     c.errors,
                     c.slow,
                     c.cpu_s,
-                    c.cpu_s / (c.conns_total as f64 / 1000.0)
+                    c.cpu_s_per_1000_conns()
                 )
             },
-        )?
-    };
+        )?;
+    }
     if let Some(c) = &out.connrate {
         // The server counts a connection once the client has closed it: allow those in flight.
         let served = bench.echo_served() - served;

@@ -26,8 +26,9 @@ use serde::Serialize;
 
 use super::proc::{self, Child};
 
-/// kpf's SNAT source ports; reserved in the gateway for every path, so all see the same sysctls.
-pub const SNAT_PORTS: &str = "40000-59999";
+/// kpf's SNAT source ports (as the bench's kpf config has them); reserved in the gateway for
+/// every path, so all see the same sysctls.
+pub use kpf_tests::kpf_proc::SNAT_PORTS;
 
 /// The CPU both sockperf ends are pinned to. Unpinned, each run lands the two ends either on
 /// one CPU or on two, and a cross-CPU wakeup of an idle vCPU costs ~20 µs here, so RTTs came out
