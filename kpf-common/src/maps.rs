@@ -7,6 +7,8 @@ use crate::nat::Nat;
 pub mod names {
     pub const PROGRAM: &str = "kpf";
     pub const TC_PROGRAM: &str = "kpf_tc";
+    /// Reports the dataplane's clock (see `Config::tick_ns`) when test-run.
+    pub const CLOCK_PROGRAM: &str = "kpf_clock";
     pub const FRONTENDS: &str = "KPF_FRONTENDS";
     pub const BACKENDS: &str = "KPF_BACKENDS";
     pub const MAGLEV: &str = "KPF_MAGLEV";
@@ -243,7 +245,10 @@ pub struct Config {
     /// SNAT source port range, inclusive, host order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// Nanoseconds per kernel tick (jiffy). The program's clock, which stamps flows, is jiffies
+    /// times this (bpf_jiffies64 is a plain load; the kernel's clock helpers are calls); the
+    /// daemon reads the same clock through [`names::CLOCK_PROGRAM`].
+    pub tick_ns: u32,
     /// Bumped by the daemon whenever a route or neighbour toward a backend changes: flows whose
     /// cached next hop is from an older generation look it up again.
     pub fib_gen: u32,
@@ -259,7 +264,7 @@ impl Default for Config {
             timeouts_ns: crate::tcp::DEFAULT_TIMEOUTS_NS,
             snat_port_min: 40000,
             snat_port_max: 59999,
-            _pad: 0,
+            tick_ns: 0,
             fib_gen: 0,
             min_mtu: 1500,
         }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_get_prandom_u32,
 };
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key};
 use kpf_common::{
@@ -33,9 +33,7 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, u32> {
         Parsed::Tcp(p) => p,
         Parsed::Icmp { l4 } => return Ok(crate::icmp::translate(ctx, l4)),
     };
-    // Coarse (jiffy) time is plenty for idle timeouts and much cheaper than the precise clock.
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now(cfg);
 
     // Established connections first (the common case: one lookup), then handshakes.
     let (found, table): (_, &'static LruHashMap<FlowKey, Flow>) = match FLOWS.get_ptr_mut(&pkt.key) {

@@ -11,6 +11,7 @@
 // compare-and-exchange); aya-ebpf needs the same feature.
 #![feature(asm_experimental_arch)]
 
+mod clock;
 mod conntrack;
 mod forward;
 mod frame;
@@ -29,6 +30,12 @@ pub fn kpf(ctx: XdpContext) -> u32 {
     match conntrack::handle(&ctx) {
         Ok(action) | Err(action) => action,
     }
+}
+
+/// Not attached anywhere: the daemon test-runs it to read the clock flows are stamped with.
+#[xdp]
+pub fn kpf_clock(ctx: XdpContext) -> u32 {
+    clock::report(&ctx)
 }
 
 /// Headers kpf may read: Ethernet with an 802.1Q tag, IPv4 and TCP with all options, or an ICMP

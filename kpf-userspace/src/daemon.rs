@@ -26,7 +26,6 @@ use tokio::{
 };
 
 use crate::{
-    clock,
     config::{Backend, Config, FrontendConfig, Mode, check_frontends},
     control::{Request, Response},
     converge::BackendEntry,
@@ -182,7 +181,7 @@ impl Daemon {
             timeouts_ns: config.timeouts.to_kernel(),
             snat_port_min: config.snat_ports.min,
             snat_port_max: config.snat_ports.max,
-            _pad: 0,
+            tick_ns: dp.tick_ns(),
             fib_gen: previous.map_or(0, |k| k.fib_gen),
             min_mtu: previous.map_or(1500, |k| k.min_mtu),
         };
@@ -391,7 +390,11 @@ impl Daemon {
     }
 
     fn collect_garbage(&mut self) {
-        match gc::collect(&mut self.dp, &self.kernel.timeouts_ns, clock::coarse_now_ns()) {
+        let now = match self.dp.now_ns() {
+            Ok(now) => now,
+            Err(e) => return log::warn!("conntrack GC: reading the dataplane's clock: {e}"),
+        };
+        match gc::collect(&mut self.dp, &self.kernel.timeouts_ns, now) {
             Ok(0) => {}
             Ok(n) => log::debug!("expired {n} conntrack entries"),
             Err(e) => log::warn!("conntrack GC: {e}"),

@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, lpm_trie::{Key, LpmTrie}},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -19,10 +19,13 @@ use kpf_common::{
 };
 
 use crate::{
+    clock,
     config::Mode,
     error::{Error, Result},
     pin::PinDir,
 };
+
+const XDP_PASS: u32 = 2;
 
 /// Every map, for pinning.
 const MAP_NAMES: [&str; 13] = [
@@ -113,6 +116,8 @@ pub struct Attachment {
 pub struct Dataplane {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
+    /// The kernel's tick, which the program's clock counts in.
+    tick_ns: u32,
 }
 
 pub fn ifindex(iface: &str) -> Result<u32> {
@@ -139,9 +144,53 @@ impl Dataplane {
             .map_max_entries(names::FLOWS, max_flows.saturating_mul(2))
             .map_max_entries(names::HALF_OPEN, half_open_entries(max_flows))
             .load(PROGRAM)?;
-        let mut dp = Dataplane { ebpf, attachments: Vec::new() };
+        Dataplane::new(ebpf)
+    }
+
+    /// Loads the forwarding program and the clock program of a loaded object.
+    fn new(ebpf: Ebpf) -> Result<Self> {
+        let mut dp = Dataplane { ebpf, attachments: Vec::new(), tick_ns: clock::tick_ns()? };
         dp.program_mut()?.load()?;
+        dp.clock_program_mut()?.load()?;
         Ok(dp)
+    }
+
+    fn clock_program_mut(&mut self) -> Result<&mut Xdp> {
+        let p = self
+            .ebpf
+            .program_mut(names::CLOCK_PROGRAM)
+            .ok_or_else(|| Error::Environment("the clock program is missing from the object".into()))?;
+        Ok(p.try_into()?)
+    }
+
+    pub fn tick_ns(&self) -> u32 {
+        self.tick_ns
+    }
+
+    /// Now, in the clock the program stamps flows with (`Flow::last_seen_ns`, `created_ns`):
+    /// read by running the program's own clock code. Needs the kernel config set.
+    pub fn now_ns(&self) -> Result<u64> {
+        let p: &Xdp = self
+            .ebpf
+            .program(names::CLOCK_PROGRAM)
+            .ok_or_else(|| Error::Environment("the clock program is missing from the object".into()))?
+            .try_into()?;
+        // The shortest frame a test run takes; the program writes the time over its start.
+        let frame = [0u8; 14];
+        let mut out = [0u8; 14];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        if r.return_value != XDP_PASS {
+            return Err(Error::Environment(format!(
+                "the clock program returned {} (no kernel config yet?)",
+                r.return_value
+            )));
+        }
+        Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
     }
 
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
@@ -193,9 +242,7 @@ impl Dataplane {
         }
         let ebpf = loader.load(PROGRAM)?;
         pins.record_layout()?;
-        let mut dp = Dataplane { ebpf, attachments: Vec::new() };
-        dp.program_mut()?.load()?;
-        Ok(dp)
+        Dataplane::new(ebpf)
     }
 
     /// Attaches to `iface` (`Auto`: native where the driver can, else tc), registering it
@@ -335,7 +382,9 @@ impl Dataplane {
         a.get(&0, 0).map_err(Error::map(names::CONFIG))
     }
 
+    /// Sets the program's config; its `tick_ns` is always this machine's.
     pub fn set_kernel_config(&mut self, c: &KernelConfig) -> Result<()> {
+        let c = KernelConfig { tick_ns: self.tick_ns, ..*c };
         let mut a: Array<&mut MapData, KernelConfig> = self.map_mut(names::CONFIG)?;
         a.set(0, c, 0).map_err(Error::map(names::CONFIG))
     }

@@ -23,11 +23,12 @@ use crate::error::{Error, Result};
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/kpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Names the map layout; change it whenever a shared type changes shape.
+/// Names the map layout; change it whenever a shared type changes shape or meaning (v5: flow
+/// timestamps count jiffies, not CLOCK_MONOTONIC_COARSE).
 pub fn layout() -> String {
     use core::mem::size_of;
     format!(
-        "v4-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
+        "v5-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}-{}",
         size_of::<FlowKey>(),
         size_of::<Flow>(),
         size_of::<FrontendKey>(),

@@ -9,7 +9,6 @@ use kpf_common::{Direction, FlowKey, FrontendKey, tcp};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock,
     daemon::Daemon,
     error::Result,
     loader::{self, Attachment},
@@ -68,7 +67,7 @@ pub struct FlowView {
 
 impl Daemon {
     pub fn status(&self) -> Result<Status> {
-        let now = clock::coarse_now_ns();
+        let now = self.dp.now_ns()?;
         let mut live_fe: HashMap<u32, u64> = HashMap::new();
         let mut live_be: HashMap<u32, u64> = HashMap::new();
         let mut tracked = 0;
@@ -131,7 +130,7 @@ impl Daemon {
 
     /// Live connections (one row each, from the client's side), optionally of one frontend port.
     pub fn flows(&self, port: Option<u16>) -> Result<Vec<FlowView>> {
-        let now = clock::coarse_now_ns();
+        let now = self.dp.now_ns()?;
         let all: HashMap<FlowKey, kpf_common::Flow> = self.dp.flows()?.into_iter().collect();
         let mut out = Vec::new();
         for (k, f) in &all {

@@ -655,6 +655,9 @@ pub enum Check {
     DistinctSnat(Conn, Conn),
     /// The Original entry's cached next hop has this destination MAC.
     NextHopMac(Conn, [u8; 6]),
+    /// The Original entry was stamped during this run, in the clock the daemon reads
+    /// (`Dataplane::now_ns`), which is what its idle timeouts and views compare against.
+    Stamped(Conn),
     /// The connection holds the SNAT port one of these (ended or expired) connections held, and
     /// that one's two entries are gone.
     TookOver(Conn, [Conn; 2]),
@@ -798,7 +801,8 @@ pub fn fixtures() -> Vec<Fixture> {
             true,
             move |_| a.c2f(SYN),
         )
-        .check(Check::State(a, SynSent)),
+        .check(Check::State(a, SynSent))
+        .check(Check::Stamped(a)),
     );
     t.push(
         Fixture::client_segment("A: retransmitted SYN keeps the binding (no new flow)", a, false, move |_| {
@@ -838,7 +842,8 @@ pub fn fixtures() -> Vec<Fixture> {
                 p.payload = (0..1001u32).map(|i| (i * 7 + 3) as u8).collect();
             })
         })
-        .check(Check::State(a, Established)),
+        .check(Check::State(a, Established))
+        .check(Check::Stamped(a)),
     );
     t.push(
         Fixture::backend_segment("A: backend data, 1400 bytes", a, move |l| {
@@ -1679,6 +1684,7 @@ impl<'a> Harness<'a> {
         let counters_before = self.counters()?;
         let flows_before = self.flow_map()?;
         let fe_before = self.fe_stats()?;
+        let clock_before = self.dp.now_ns()?;
         let out = match self.run_packet(self.ifaces.of(f.ingress), f.meta_len, &data, 1) {
             Ok(out) => out,
             Err(e) if f.kernel_may_refuse && errno_of(&*e) == Some(libc::EINVAL) => {
@@ -1690,6 +1696,7 @@ impl<'a> Harness<'a> {
             }
             Err(e) => return Err(e),
         };
+        let clock_after = self.dp.now_ns()?;
         let counters_after = self.counters()?;
         let flows_after = self.flow_map()?;
         let fe_after = self.fe_stats()?;
@@ -1791,6 +1798,16 @@ impl<'a> Harness<'a> {
                         Some(_) => Ok(()),
                     }
                 }
+                Check::Stamped(conn) => match flows_after.get(&conn.client_key()) {
+                    Some(fl) if (clock_before..=clock_after).contains(&fl.last_seen_ns) && fl.created_ns <= fl.last_seen_ns => {
+                        Ok(())
+                    }
+                    Some(fl) => Err(format!(
+                        "{}: stamped created {} / last seen {} ns, outside this run ({clock_before}..={clock_after} ns by the dataplane's clock)",
+                        conn.name, fl.created_ns, fl.last_seen_ns
+                    )),
+                    None => Err(format!("{}: no Original entry", conn.name)),
+                },
                 Check::NextHopMac(conn, mac) => match flows_after.get(&conn.client_key()) {
                     Some(fl) if fl.next_hop.dst_mac == *mac && fl.next_hop.fib_gen == self.config.fib_gen => Ok(()),
                     Some(fl) => Err(format!(
