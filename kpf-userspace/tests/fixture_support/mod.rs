@@ -660,7 +660,7 @@ pub enum Check {
     Stamped(Conn),
     /// The connection holds the SNAT port one of these (ended or expired) connections held, and
     /// that one's two entries are gone.
-    TookOver(Conn, [Conn; 2]),
+    TookOver(Conn, Vec<Conn>),
 }
 
 pub struct Fixture {
@@ -1441,8 +1441,8 @@ pub fn fixtures() -> Vec<Fixture> {
     let p2 = Conn::to_a("P2", 51001);
     let p3 = Conn::to_a("P3", 51002);
     t.push(
-        Fixture::client_segment("P1: SNAT range 40000-40001, first SYN takes one port", p1, true, move |_| p1.c2f(SYN))
-            .setup(Setup::SnatRange(40000, 40001)),
+        Fixture::client_segment("P1: SNAT range 60000-60001 (outside the default one, so no earlier connection holds them), first SYN takes one port", p1, true, move |_| p1.c2f(SYN))
+            .setup(Setup::SnatRange(60000, 60001)),
     );
     t.push(
         Fixture::client_segment("P2: second SYN to the same backend probes to the other port", p2, true, move |_| {
@@ -1467,7 +1467,57 @@ pub fn fixtures() -> Vec<Fixture> {
         .setup(Setup::Timeout(SynSent, 0))
         .setup(Setup::Sleep(Duration::from_millis(30)))
         .counts(SnatReclaimed)
-        .check(Check::TookOver(p3, [p1, p2])),
+        .check(Check::TookOver(p3, vec![p1, p2])),
+    );
+
+    // ---- SNAT last resort: every port held by a connection still in its grace ------------------------
+    // Outside the default range, so no earlier connection can hold these ports.
+    let l1 = Conn::to_a("L1", 51010);
+    let l2 = Conn::to_a("L2", 51011);
+    let l3 = Conn::to_a("L3", 51012);
+    t.push(
+        Fixture::client_segment("L1: SNAT range 60002-60003, SYN takes one port (timeouts back to default)", l1, true, move |_| {
+            l1.c2f(SYN)
+        })
+        .setup(Setup::SnatRange(60002, 60003))
+        .setup(Setup::DefaultTimeouts),
+    );
+    t.push(
+        Fixture::client_segment("L2: SYN takes the other port", l2, true, move |_| l2.c2f(SYN))
+            .check(Check::DistinctSnat(l1, l2)),
+    );
+    // The backend refuses both (as one whose listener is gone does): the reply entries, which a
+    // port's quiet time is judged by (late backend packets are what a reused port would catch),
+    // are last seen then.
+    t.push(
+        Fixture::backend_segment("L1: the backend refuses it (RST)", l1, move |l| l1.b2g(l, RST | ACK).with(|p| p.ack = 1001))
+            .check(Check::State(l1, State::Reset)),
+    );
+    t.push(
+        Fixture::backend_segment("L2: the backend refuses it too, a tick later", l2, move |l| {
+            l2.b2g(l, RST | ACK).with(|p| p.ack = 1001)
+        })
+        // More than one tick (1-10 ms): L1 is then strictly the one quiet longest.
+        .setup(Setup::Sleep(Duration::from_millis(25)))
+        .check(Check::State(l2, State::Reset)),
+    );
+    let frame = l3.c2f(SYN).bytes();
+    t.push(Fixture::new(
+        "L3: SYN while both ports are in their grace and quiet under 250 ms: dropped",
+        Side::Client,
+        Box::new(move |_| frame.clone()),
+        Expect::Drop(DropSnatExhausted),
+    ));
+    t.push(
+        Fixture::client_segment(
+            "L3 again 300 ms on: takes the port of the connection quiet longest (L1), whose entries go",
+            l3,
+            true,
+            move |_| l3.c2f(SYN),
+        )
+        .setup(Setup::Sleep(Duration::from_millis(300)))
+        .counts(SnatReclaimed)
+        .check(Check::TookOver(l3, vec![l1])),
     );
 
     t
@@ -1791,7 +1841,11 @@ impl<'a> Harness<'a> {
                 Check::TookOver(conn, olds) => {
                     let port = self.learned.snat(conn.name);
                     match olds.iter().find(|o| self.learned.snat(o.name) == port) {
-                        None => Err(format!("{}: SNAT port {port} was none of {}'s and {}'s", conn.name, olds[0].name, olds[1].name)),
+                        None => Err(format!(
+                            "{}: SNAT port {port} was none of {:?}'s",
+                            conn.name,
+                            olds.iter().map(|o| o.name).collect::<Vec<_>>()
+                        )),
                         Some(o) if flows_after.contains_key(&o.client_key()) => {
                             Err(format!("{}: took {}'s port but {}'s Original entry is still there", conn.name, o.name, o.name))
                         }
