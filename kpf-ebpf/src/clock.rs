@@ -4,6 +4,7 @@
 //! thunk of this CPU's speculation mitigations).
 
 use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_PASS},
     helpers::generated::bpf_jiffies64,
     programs::XdpContext,
 };
@@ -23,12 +24,12 @@ pub fn now(cfg: &Config) -> u64 {
 pub fn report(ctx: &XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     let Some(cfg) = crate::maps::CONFIG.get(0) else {
-        return aya_ebpf::bindings::xdp_action::XDP_ABORTED;
+        return XDP_ABORTED;
     };
     if data + 8 > end {
-        return aya_ebpf::bindings::xdp_action::XDP_ABORTED;
+        return XDP_ABORTED;
     }
     // SAFETY: bounds-checked above; packet memory may be misaligned.
     unsafe { core::ptr::write_unaligned(data as *mut u64, now(cfg)) };
-    aya_ebpf::bindings::xdp_action::XDP_PASS
+    XDP_PASS
 }

@@ -156,11 +156,16 @@ impl Dataplane {
     }
 
     fn clock_program_mut(&mut self) -> Result<&mut Xdp> {
-        let p = self
-            .ebpf
-            .program_mut(names::CLOCK_PROGRAM)
-            .ok_or_else(|| Error::Environment("the clock program is missing from the object".into()))?;
-        Ok(p.try_into()?)
+        Ok(self.object_program_mut(names::CLOCK_PROGRAM)?.try_into()?)
+    }
+
+    /// A program of the object by name (all are built in, so a missing one is a broken build).
+    fn object_program(&self, name: &str) -> Result<&aya::programs::Program> {
+        self.ebpf.program(name).ok_or_else(|| Error::Environment(format!("program {name} is missing from the object")))
+    }
+
+    fn object_program_mut(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(name).ok_or_else(|| Error::Environment(format!("program {name} is missing from the object")))
     }
 
     pub fn tick_ns(&self) -> u32 {
@@ -170,11 +175,7 @@ impl Dataplane {
     /// Now, in the clock the program stamps flows with (`Flow::last_seen_ns`, `created_ns`):
     /// read by running the program's own clock code. Needs the kernel config set.
     pub fn now_ns(&self) -> Result<u64> {
-        let p: &Xdp = self
-            .ebpf
-            .program(names::CLOCK_PROGRAM)
-            .ok_or_else(|| Error::Environment("the clock program is missing from the object".into()))?
-            .try_into()?;
+        let p: &Xdp = self.object_program(names::CLOCK_PROGRAM)?.try_into()?;
         // The shortest frame a test run takes; the program writes the time over its start.
         let frame = [0u8; 14];
         let mut out = [0u8; 14];
@@ -194,20 +195,12 @@ impl Dataplane {
     }
 
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
-        let p = self
-            .ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or_else(|| Error::Environment("the XDP program is missing from the object".into()))?;
-        Ok(p.try_into()?)
+        Ok(self.object_program_mut(names::PROGRAM)?.try_into()?)
     }
 
     /// The tc program, loaded into the kernel on first use (most gateways never need it).
     pub fn tc_program_mut(&mut self) -> Result<&mut SchedClassifier> {
-        let p: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(names::TC_PROGRAM)
-            .ok_or_else(|| Error::Environment("the tc program is missing from the object".into()))?
-            .try_into()?;
+        let p: &mut SchedClassifier = self.object_program_mut(names::TC_PROGRAM)?.try_into()?;
         if p.fd().is_err() {
             p.load()?;
         }

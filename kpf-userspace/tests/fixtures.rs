@@ -3,7 +3,8 @@
 
 mod fixture_support;
 
-use fixture_support::{Attach, Topology, fixtures, root};
+use fixture_support::{Attach, Topology, fixtures};
+use kpf_tests::serial::is_root;
 
 #[test]
 fn fixture_table() {
@@ -18,7 +19,7 @@ fn fixture_table_tc() {
 }
 
 fn table_through(attach: Attach) {
-    if !root() {
+    if !is_root() {
         eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
         return;
     }

@@ -18,7 +18,8 @@ mod fixture_support;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use fixture_support::{ACK, Action, Attach, Conn, FIN, PSH, RST, SNAT_MAX, SNAT_MIN, SYN, Side, Topology, Tcp4, l3_offset, root};
+use fixture_support::{ACK, Action, Attach, Conn, FIN, PSH, RST, SNAT_MAX, SNAT_MIN, SYN, Side, Topology, Tcp4, l3_offset};
+use kpf_tests::serial::is_root;
 use kpf_common::{Counter, FlowKey, csum, wire};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -206,7 +207,7 @@ fn a_million_mutated_packets_keep_the_invariants_in_tc() {
 }
 
 fn mutations_through(attach: Attach) {
-    if !root() {
+    if !is_root() {
         eprintln!("skipped: needs root (BPF and network namespaces)");
         return;
     }
@@ -275,8 +276,7 @@ fn mutations_through(attach: Attach) {
                 };
                 let out = match h.run_packet(h.ifaces.of(*side), 0, &input, 1) {
                     Ok(out) => out,
-                    // The skb test run refuses an IPv4 EtherType without a whole IPv4 header.
-                    Err(e) if attach == Attach::Tc && input.len() < 14 + 20 && fixture_support::errno_of(&*e) == Some(libc::EINVAL) => {
+                    Err(e) if h.skb_test_run_refused(&input, &*e) => {
                         refused += 1;
                         continue;
                     }

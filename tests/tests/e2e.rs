@@ -24,6 +24,7 @@ use std::{
 };
 
 use kpf_tests::{
+    wait,
     kpf_proc::{self, Kpf, Mode},
     netns::{self, Netns},
     peer::{self, Backend, Pattern, Session},
@@ -151,11 +152,9 @@ fn e2e<T: Topology + Sync>(build: fn() -> io::Result<T>, mode: Mode) {
         let src = SocketAddrV4::new(topo.client_addr(), 12345);
         let dst = SocketAddrV4::new(topo.backend_addrs()[0], BACKEND_PORT);
         client.enter(|| peer::send_bad_checksum_syn(src, dst)).unwrap().expect("sending the bad segment");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while in_csum_errors(b1) == 0 {
-            assert!(Instant::now() < deadline, "{}: InCsumErrors did not count a bad checksum", b1.name());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait::poll(Duration::from_secs(5), Duration::from_millis(10), &format!("{}: InCsumErrors to count a bad checksum", b1.name()), || {
+            (in_csum_errors(b1) > 0).then_some(())
+        });
         assert_eq!(in_csum_errors(b1), 1, "exactly the one broken segment");
         step(&mut t, "checksum counters");
 

@@ -203,7 +203,7 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         .backends()
         .map_err(|e| anyhow!("{e}"))?
         .into_iter()
-        .find(|(_, b)| b.addr == u32::from_ne_bytes(BACKEND_B.octets()))
+        .find(|(_, b)| b.addr == kpf_common::wire::addr(BACKEND_B))
         .map(|(id, _)| id)
         .context("backend B is not loaded")?;
     let chain_id = fixture_support::FRONTENDS.len() as u32;
