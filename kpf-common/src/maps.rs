@@ -53,12 +53,26 @@ pub struct FlowKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16 && core::mem::align_of::<FlowKey>() == 4);
 
 impl FlowKey {
     #[inline(always)]
     pub const fn tcp(src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> Self {
         Self { src_addr, dst_addr, src_port, dst_port, proto: IPPROTO_TCP, _pad: [0; 3] }
+    }
+
+    /// The key of a TCP segment from its IPv4 addresses and its ports as they lie on the wire
+    /// (source then destination), each pair read as one word. Built as whole 4-byte words, each
+    /// then written with one store: the kernel hashes and compares a key 4 bytes at a time, and a
+    /// load that spans several narrower stores cannot take its data from them but waits until
+    /// they reach the cache (a store-forwarding stall, on every packet when the key on the BPF
+    /// stack was assembled field by field).
+    #[inline(always)]
+    pub const fn tcp_from_wire(addrs: [u32; 2], ports: u32) -> Self {
+        let words = [addrs[0], addrs[1], ports, u32::from_ne_bytes([IPPROTO_TCP, 0, 0, 0])];
+        // SAFETY: the four words are the struct's 16 bytes in field order (all integers, no
+        // padding the compiler adds; size and alignment asserted above).
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
     }
 
     /// The key the other direction's packets carry once this one has been rewritten by `nat`.

@@ -54,12 +54,7 @@ pub enum L4Csum {
 #[inline(always)]
 pub fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
     rewrite_fields(nat, ip, tcp);
-    let check = u16::from_ne_bytes(tcp.check);
-    let check = match l4 {
-        L4Csum::Full => csum::apply_full(check, nat.l4_delta),
-        L4Csum::Partial => csum::apply_partial(check, nat.pseudo_delta),
-    };
-    tcp.check = check.to_ne_bytes();
+    tcp.check = tcp_check(nat, u16::from_ne_bytes(tcp.check), l4).to_ne_bytes();
 }
 
 /// Rewrites addresses, ports and the IPv4 header checksum; the TCP checksum is left to the caller
@@ -68,10 +63,25 @@ pub fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
 pub fn rewrite_fields(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr) {
     ip.src_addr = nat.src_addr.to_ne_bytes();
     ip.dst_addr = nat.dst_addr.to_ne_bytes();
-    let ip_check = u16::from_ne_bytes(ip.check);
-    ip.check = csum::apply_full(ip_check, nat.ip_delta).to_ne_bytes();
+    ip.check = ip_check(nat, u16::from_ne_bytes(ip.check)).to_ne_bytes();
     tcp.source = nat.src_port.to_ne_bytes();
     tcp.dest = nat.dst_port.to_ne_bytes();
+}
+
+/// The IPv4 header checksum field after the rewrite, from the one before. (The kernel program
+/// does its own loads and stores, see kpf-ebpf's access.rs, and takes the arithmetic from here.)
+#[inline(always)]
+pub const fn ip_check(nat: &Nat, check: u16) -> u16 {
+    csum::apply_full(check, nat.ip_delta)
+}
+
+/// The TCP checksum field after the rewrite, from the one before, read as `l4` says.
+#[inline(always)]
+pub const fn tcp_check(nat: &Nat, check: u16, l4: L4Csum) -> u16 {
+    match l4 {
+        L4Csum::Full => csum::apply_full(check, nat.l4_delta),
+        L4Csum::Partial => csum::apply_partial(check, nat.pseudo_delta),
+    }
 }
 
 /// The folded delta of the ports alone: what a complete TCP checksum needs beyond the

@@ -16,6 +16,7 @@ use kpf_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
+    access::{load16, store16, store32},
     maps::{DEVMAP, IFACES},
     parse::Packet,
 };
@@ -44,6 +45,22 @@ pub trait Frame {
 
     /// Sends a frame whose IP and transport headers are already rewritten (checksums included).
     fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter>;
+}
+
+/// Addresses, ports and the IPv4 header checksum, as `kpf_common::nat::rewrite_fields` does,
+/// one instruction per field (see access.rs).
+#[inline(always)]
+fn rewrite_fields(pkt: &Packet, nat: &Nat) {
+    let (ip, tcp) = (pkt.ip as *mut u8, pkt.tcp as *mut u8);
+    // SAFETY: parse bounds-checked both headers: IPv4 checksum at 10..12 and addresses at 12..20,
+    // TCP ports at 0..4.
+    unsafe {
+        store32::<12>(ip, nat.src_addr);
+        store32::<16>(ip, nat.dst_addr);
+        store16::<10>(ip, nat::ip_check(nat, load16::<10>(ip)));
+        store16::<0>(tcp, nat.src_port);
+        store16::<2>(tcp, nat.dst_port);
+    }
 }
 
 #[inline(always)]
@@ -90,9 +107,10 @@ impl Frame for XdpContext {
 
     #[inline(always)]
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter> {
-        // SAFETY: parse bounds-checked both headers.
-        let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
-        nat::rewrite(nat, ip, tcp, xdp_l4_csum(self, pkt.ip_len, cfg));
+        rewrite_fields(pkt, nat);
+        let tcp = pkt.tcp as *mut u8;
+        // SAFETY: parse bounds-checked the TCP header (its checksum is at 16..18).
+        unsafe { store16::<16>(tcp, nat::tcp_check(nat, load16::<16>(tcp), xdp_l4_csum(self, pkt.ip_len, cfg))) };
         self.send_frame(pkt.eth, nh)
     }
 
@@ -176,9 +194,7 @@ impl Frame for TcContext {
     #[inline(always)]
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, _cfg: &Config) -> Result<u32, Counter> {
         let check_at = (pkt.tcp as usize - Frame::data(self) + TCP_CHECK_OFFSET) as u32;
-        // SAFETY: parse bounds-checked both headers.
-        let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
-        nat::rewrite_fields(nat, ip, tcp);
+        rewrite_fields(pkt, nat);
         set_macs(pkt.eth, nh);
         // SAFETY: the live skb; the helpers bounds-check the offset. No packet pointer is used
         // after them (they may move the data).

@@ -11,6 +11,7 @@
 // compare-and-exchange); aya-ebpf needs the same feature.
 #![feature(asm_experimental_arch)]
 
+mod access;
 mod clock;
 mod conntrack;
 mod forward;
