@@ -405,6 +405,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_key_from_wire_words_equals_the_key_from_fields() {
+        // An IPv4 header's addresses (bytes 12..20) and a TCP header's ports (0..4), as the
+        // program loads them: each word straight from memory.
+        let ip_addrs = [10u8, 0, 0, 10, 192, 168, 7, 1];
+        let tcp_ports = [0xc3u8, 0x50, 0x23, 0x85];
+        let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let key = FlowKey::tcp_from_wire([word(&ip_addrs[..4]), word(&ip_addrs[4..])], word(&tcp_ports));
+        let fields = FlowKey::tcp(
+            word(&ip_addrs[..4]),
+            u16::from_ne_bytes([0xc3, 0x50]),
+            word(&ip_addrs[4..]),
+            u16::from_ne_bytes([0x23, 0x85]),
+        );
+        assert_eq!(key, fields);
+        assert_eq!((u16::from_be(key.src_port), u16::from_be(key.dst_port)), (50000, 9093));
+        assert_eq!((key.proto, key._pad), (IPPROTO_TCP, [0; 3]));
+    }
+
+    #[test]
     fn counter_table_is_complete_and_ordered() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{} out of place", c.name());
