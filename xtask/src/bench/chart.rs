@@ -11,7 +11,8 @@ use plotters::{
 
 use super::results::{METRICS, Metric, PathResult, Results};
 
-/// In [`super::paths::ALL`] order; the offload group repeats its references in lighter shades.
+/// In [`super::paths::ALL`] order, so a path keeps its colour whichever paths a run has; the
+/// offload group repeats its references in lighter shades.
 const COLORS: [RGBColor; 10] = [
     RGBColor(140, 140, 140), // routing
     RGBColor(55, 110, 190),  // nftables
@@ -24,6 +25,11 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(245, 195, 130), // haproxy, offloads on
     RGBColor(200, 60, 60),   // kpf tc, offloads on
 ];
+const _: () = assert!(COLORS.len() == super::paths::ALL.len());
+
+fn color(id: &str) -> RGBColor {
+    super::paths::ALL.iter().position(|s| s.id == id).map_or(BLACK, |i| COLORS[i])
+}
 
 /// (median, low, high) of `p`'s metric relative to `reference`, oriented so higher is better.
 fn relative(m: &Metric, p: &PathResult, reference: &PathResult) -> Option<(f64, f64, f64)> {
@@ -41,13 +47,18 @@ pub fn write(r: &Results, path: &Path) -> Result<()> {
 
 fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let metrics: Vec<&Metric> = METRICS.iter().filter(|m| m.chart.is_some()).collect();
-    let Some(reference) = r.path("routing").or(r.paths.first()) else { return Ok(()) };
-    // Each path against plain routing in its own offload group.
-    let reference_of = |p: &PathResult| {
-        super::paths::by_id(p.id).and_then(|s| r.path(&s.reference("routing"))).unwrap_or(reference)
-    };
-    let values: Vec<Vec<Option<(f64, f64, f64)>>> =
-        metrics.iter().map(|m| r.paths.iter().map(|p| relative(m, p, reference_of(p))).collect()).collect();
+    let reference = super::paths::by_id("routing").expect("plain routing is a path");
+    // Each path against plain routing in its own offload group; no bar where that was not run
+    // (the table says n/a there too).
+    let values: Vec<Vec<Option<(f64, f64, f64)>>> = metrics
+        .iter()
+        .map(|m| {
+            r.paths
+                .iter()
+                .map(|p| relative(m, p, r.path(&super::paths::reference_id(p.id, "routing"))?))
+                .collect()
+        })
+        .collect();
     let top = values.iter().flatten().flatten().map(|v| v.2).fold(1.2f64, f64::max) * 1.12;
 
     let root = SVGBackend::new(path, (1500, 650)).into_drawing_area();
@@ -74,7 +85,7 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
     let slot = 0.84 / paths as f64;
     for (i, p) in r.paths.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let color = color(p.id);
         let bars = values.iter().enumerate().filter_map(|(g, v)| {
             let (m, _, _) = v[i]?;
             let x0 = g as f64 + 0.08 + i as f64 * slot;

@@ -152,6 +152,12 @@ pub fn by_id(id: &str) -> Option<&'static PathSpec> {
     ALL.iter().find(|p| p.id == id)
 }
 
+/// The id of the path playing `role` ("routing", "nftables", "haproxy") in `path_id`'s offload
+/// group: what every ratio, target and chart bar of that path is measured against.
+pub fn reference_id(path_id: &str, role: &str) -> String {
+    by_id(path_id).map_or_else(|| role.to_owned(), |s| s.reference(role))
+}
+
 const NFT_TABLE: &str = "kpfbench";
 
 /// What the gateway runs while a path is active.
@@ -317,4 +323,21 @@ fn haproxy_config(b: &Bench) -> String {
         s += &format!("\nlisten {}\n    bind {fe}\n    server {} {be}\n", svc.name(), svc.name());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_is_compared_within_its_offload_group() {
+        for p in ALL {
+            for role in ["routing", "nftables", "haproxy"] {
+                let r = by_id(&reference_id(p.id, role)).unwrap_or_else(|| panic!("{}'s {role} is no path", p.id));
+                assert_eq!(r.offloads, p.offloads, "{} is compared with {}", p.id, r.id);
+            }
+        }
+        assert_eq!(reference_id("kpf-tc-offload", "routing"), "routing-offload");
+        assert_eq!(reference_id("kpf-native", "nftables"), "nftables");
+    }
 }

@@ -66,8 +66,7 @@ pub fn table(r: &Results) -> String {
     let _ = writeln!(s, "|---|{}---|---|", "---|".repeat(METRICS.len()));
     for p in &r.paths {
         // Against the references of the path's own offload group.
-        let spec = super::paths::by_id(p.id);
-        let reference = |role: &str| r.path(&spec.map_or_else(|| role.to_owned(), |s| s.reference(role)));
+        let reference = |role: &str| r.path(&super::paths::reference_id(p.id, role));
         let (routing, nft) = (reference("routing"), reference("nftables"));
         let cells: Vec<String> = METRICS.iter().map(|m: &Metric| cell(p.summary.get(m.key), m.decimals)).collect();
         let _ = writeln!(s, "| {} | {} | {} | {} |", p.label, cells.join(" | "), ratios(p, routing), ratios(p, nft));

@@ -33,8 +33,7 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
     for kpf in paths.iter().filter(|p| p.id.starts_with("kpf")) {
         let k = |key: &str| kpf.median(key);
         // Compared within its offload group only.
-        let spec = super::paths::by_id(kpf.id);
-        let rf = |role: &str| spec.map_or_else(|| role.to_owned(), |s| s.reference(role));
+        let rf = |role: &str| super::paths::reference_id(kpf.id, role);
         let (routing, nftables, haproxy) = (rf("routing"), rf("nftables"), rf("haproxy"));
         let med = |id: &String, key: &str| med(id.as_str(), key);
         let mut push = |goal: &str, measured: String, met: Option<bool>| {
