@@ -233,9 +233,9 @@ fn established<C: Frame>(
     flow.next_seq = pkt.next_seq();
     stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);
 
-    let nat = flow.nat;
-    let nh = flow.next_hop;
-    match ctx.forward(pkt, &nat, &nh, cfg) {
+    // Read in place, not copied to the stack first: neither changes under a packet but for the
+    // next hop's rare refresh above.
+    match ctx.forward(pkt, &flow.nat, &flow.next_hop, cfg) {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);
