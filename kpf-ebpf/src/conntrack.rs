@@ -233,8 +233,10 @@ fn established<C: Frame>(
     flow.next_seq = pkt.next_seq();
     stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);
 
-    // Read in place, not copied to the stack first: neither changes under a packet but for the
-    // next hop's rare refresh above.
+    // Read in place rather than copied to the stack first. A live entry's rewrite never changes;
+    // its next hop only in a refresh after a routing change, which a packet of the same
+    // connection on another CPU can race with (as it could with a copy): that packet leaves by
+    // the old next hop or with a mix of old and new MAC addresses, once.
     match ctx.forward(pkt, &flow.nat, &flow.next_hop, cfg) {
         Ok(action) => action,
         Err(reason) => {

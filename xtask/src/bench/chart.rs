@@ -63,11 +63,15 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
     let root = SVGBackend::new(path, (1500, 650)).into_drawing_area();
     root.fill(&WHITE)?;
-    let title = format!(
-        "kpf benchmark: relative to {} of the same offload group (= 1.0), higher is better{}",
-        reference.label,
-        if r.run.smoke { " — SMOKE RUN, not meaningful" } else { "" }
-    );
+    let title = if values.iter().flatten().any(Option::is_some) {
+        format!(
+            "kpf benchmark: relative to {} of the same offload group (= 1.0), higher is better{}",
+            reference.label,
+            if r.run.smoke { " — SMOKE RUN, not meaningful" } else { "" }
+        )
+    } else {
+        format!("kpf benchmark: no bars, since this run has no {} to compare with (see results.md)", reference.label)
+    };
     let (groups, paths) = (metrics.len(), r.paths.len().max(1));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
