@@ -7,8 +7,8 @@
 //! counters (stats.rs) say what happened.
 #![no_std]
 #![no_main]
-// Inline assembly for the one instruction Rust has no stable way to emit here (conntrack's
-// compare-and-exchange); aya-ebpf needs the same feature.
+// Inline assembly for instructions Rust has no way to emit here: conntrack's compare-and-exchange
+// and access.rs's unaligned header loads and stores; aya-ebpf needs the same feature.
 #![feature(asm_experimental_arch)]
 
 mod access;

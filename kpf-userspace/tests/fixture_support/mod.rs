@@ -694,6 +694,11 @@ impl Fixture {
         Fixture::new(description, ingress, Box::new(move |_| frame.clone()), Expect::Pass(reason))
     }
 
+    /// A frame that must be dropped, counted under `reason`.
+    pub fn drop(description: impl Into<String>, ingress: Side, frame: Vec<u8>, reason: Counter) -> Fixture {
+        Fixture::new(description, ingress, Box::new(move |_| frame.clone()), Expect::Drop(reason))
+    }
+
     /// A segment from the client of `conn`, forwarded to its backend.
     pub fn client_segment(
         description: impl Into<String>,
@@ -1383,12 +1388,7 @@ pub fn fixtures() -> Vec<Fixture> {
         (9098, "backend 10.99.0.2 is routed out of x0, which is not attached", DropEgressNotAttached),
     ] {
         let frame = x.c2f(SYN).with(|p| p.dst.set_port(port)).bytes();
-        t.push(Fixture::new(
-            format!("SYN to *:{port}: {what}"),
-            Side::Client,
-            Box::new(move |_| frame.clone()),
-            Expect::Drop(reason),
-        ));
+        t.push(Fixture::drop(format!("SYN to *:{port}: {what}"), Side::Client, frame, reason));
     }
 
     // ---- Q: idle expiry (SynSent timeout set to 0) -------------------------------------------------------
@@ -1444,13 +1444,7 @@ pub fn fixtures() -> Vec<Fixture> {
         })
         .check(Check::DistinctSnat(p1, p2)),
     );
-    let frame = p3.c2f(SYN).bytes();
-    t.push(Fixture::new(
-        "P3: third SYN finds both ports taken: dropped",
-        Side::Client,
-        Box::new(move |_| frame.clone()),
-        Expect::Drop(DropSnatExhausted),
-    ));
+    t.push(Fixture::drop("P3: third SYN finds both ports taken: dropped", Side::Client, p3.c2f(SYN).bytes(), DropSnatExhausted));
     t.push(
         Fixture::client_segment(
             "P3 again once both handshakes expired: takes over one of their ports, whose entries go",
@@ -1495,12 +1489,11 @@ pub fn fixtures() -> Vec<Fixture> {
         .setup(Setup::Sleep(Duration::from_millis(25)))
         .check(Check::State(l2, State::Reset)),
     );
-    let frame = l3.c2f(SYN).bytes();
-    t.push(Fixture::new(
+    t.push(Fixture::drop(
         "L3: SYN while both ports are in their grace and quiet under 250 ms: dropped",
         Side::Client,
-        Box::new(move |_| frame.clone()),
-        Expect::Drop(DropSnatExhausted),
+        l3.c2f(SYN).bytes(),
+        DropSnatExhausted,
     ));
     t.push(
         Fixture::client_segment(
@@ -1621,14 +1614,14 @@ impl<'a> Harness<'a> {
         Ok(Harness { gw, attach: Attach::Xdp, dp, ifaces, config, learned: Learned::default(), skipped: Vec::new() })
     }
 
-    /// Runs the program once (or `repeat` times) on `data` (`meta_len` bytes of metadata, then
-    /// the frame) arriving on `ingress`.
     /// Whether `e` is the tc test run refusing `data` as too short: the skb test run wants a whole
     /// IPv4 header behind an IPv4 EtherType.
     pub fn skb_test_run_refused(&self, data: &[u8], e: &(dyn std::error::Error + 'static)) -> bool {
         self.attach == Attach::Tc && data.len() < 14 + 20 && errno_of(e) == Some(libc::EINVAL)
     }
 
+    /// Runs the program once (or `repeat` times) on `data` (`meta_len` bytes of metadata, then
+    /// the frame) arriving on `ingress`.
     pub fn run_packet(&mut self, ingress: u32, meta_len: usize, data: &[u8], repeat: u32) -> Result<Outcome> {
         if self.attach == Attach::Tc {
             return self.run_packet_tc(ingress, data, repeat);
