@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the project's test command. Runs, in order, stopping at the first failure:
 //! 1. unit tests that need no kernel: `kpf-common`, and the `kpf` library (config, sysctl logic),
-//! 2. `cargo build --release -p kpf` (userspace binary with the embedded XDP program),
+//! 2. `cargo build --release -p kpf` (userspace binary with the embedded XDP program), then the
+//!    benchmark harness's unit tests (`xtask` with the `bench` feature, which links kpf),
 //! 3. as root: the BPF_PROG_TEST_RUN fixtures and mutation run (`kpf --test fixtures --test
 //!    mutation`), then the namespace tests (`kpf-tests`, one at a time), after sweeping namespaces
 //!    a killed earlier run left behind, then `cargo xtask bench --smoke`.
@@ -23,6 +24,8 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<()> {
     util::run(cargo().args(["test", "-p", "kpf-common", "-p", "kpf", "--lib"]))?;
     util::run(cargo().args(["build", "--release", "-p", "kpf"]))?;
+    // The benchmark's own unit tests (parsers, path references, summaries): its code links kpf.
+    util::run(cargo().args(["test", "--release", "-p", "xtask", "--features", "bench"]))?;
 
     if opts.unprivileged_only {
         println!("test: skipping the root integration tests (kpf-tests): --unprivileged-only");

@@ -5,7 +5,8 @@
 //! kpf native XDP, kpf generic XDP, kpf tc, then routing, nftables, HAProxy and kpf tc again
 //! with the endpoints' offloads on: see [`paths::ALL`]), measures bulk throughput both ways
 //! (iperf3), request/response latency (sockperf), connection rate (own client and 1-byte echo
-//! server) and machine-wide CPU, and tears the path down. Before that it measures kpf's own
+//! server), Kafka producer and consumer throughput (a real client and three brokers) and
+//! machine-wide CPU, and tears the path down. Before that it measures kpf's own
 //! per-packet cost with BPF_PROG_TEST_RUN next to an empty XDP program. Writes
 //! `target/bench/{results.json,results.md,chart.svg}`.
 //!
@@ -27,6 +28,8 @@ mod chart;
 mod connrate;
 #[cfg(feature = "bench")]
 mod cpu;
+#[cfg(feature = "bench")]
+mod kafka;
 #[cfg(feature = "bench")]
 mod latency;
 #[cfg(feature = "bench")]
@@ -68,7 +71,7 @@ pub struct Options {
     #[arg(long, value_name = "LIST")]
     pub paths: Option<String>,
     /// Comma-separated measurements to run [default: all]: prog (program cost), bulk, latency,
-    /// connrate.
+    /// connrate, kafka (producer and consumer throughput of a real Kafka client and cluster).
     #[arg(long, value_name = "LIST")]
     pub metrics: Option<String>,
     /// BPF_PROG_TEST_RUN iterations per run for the program-cost step [default: 1000000, 10000

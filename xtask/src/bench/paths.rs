@@ -206,8 +206,8 @@ impl PathSpec {
                 std::fs::write(&file, haproxy_config(bench))?;
                 let started = Child::spawn("haproxy", gw.command("haproxy").arg("-db").arg("-f").arg(&file)).and_then(
                     |mut child| {
-                        for s in Service::ALL {
-                            wait_listening_while(gw, s.port(), Duration::from_secs(10), || child.check_running())?;
+                        for (fe, _) in port_map(bench) {
+                            wait_listening_while(gw, fe.port(), Duration::from_secs(10), || child.check_running())?;
                         }
                         Ok(child)
                     },
@@ -319,8 +319,9 @@ fn haproxy_config(b: &Bench) -> String {
         "global\n    maxconn 4000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
          timeout client 1m\n    timeout server 1m\n",
     );
-    for (svc, (fe, be)) in Service::ALL.iter().zip(port_map(b)) {
-        s += &format!("\nlisten {}\n    bind {fe}\n    server {} {be}\n", svc.name(), svc.name());
+    for (fe, be) in port_map(b) {
+        let name = Service::ALL.iter().find(|s| s.port() == fe.port()).map_or_else(|| format!("port-{}", fe.port()), |s| s.name().to_owned());
+        s += &format!("\nlisten {name}\n    bind {fe}\n    server {name} {be}\n");
     }
     s
 }

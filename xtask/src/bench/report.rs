@@ -35,12 +35,14 @@ fn cell(s: Option<&Summary>, decimals: usize) -> String {
 }
 
 /// The metrics the ratio columns show, with short names.
-const RATIO_METRICS: [(&str, &str); 5] = [
+const RATIO_METRICS: [(&str, &str); 7] = [
     ("bulk_fwd_gbit_s", "→"),
     ("bulk_rev_gbit_s", "←"),
     ("rtt_p50_us", "RTT"),
     ("conns_per_s", "conn/s"),
     ("cpu_s_per_gb", "CPU/GB"),
+    ("kafka_produce_mb_s", "Kafka produce"),
+    ("kafka_consume_mb_s", "Kafka consume"),
 ];
 
 fn ratios(p: &PathResult, reference: Option<&PathResult>) -> String {
@@ -108,7 +110,7 @@ fn markdown(r: &Results) -> String {
         s,
         "Median [min–max] over the repetitions. Ratio columns: the path's median ÷ the reference's median, \
          the reference being the path of the same offload group (see [settings](#endpoint-and-gateway-settings)) \
-         (→/← bulk and conn/s: higher is better; RTT and CPU/GB: lower is better).\n"
+         (→/← bulk, conn/s and Kafka: higher is better; RTT and CPU/GB: lower is better).\n"
     );
     s += &table(r);
 
@@ -232,6 +234,24 @@ fn markdown(r: &Results) -> String {
         r.run.connrate_threads,
         r.run.seconds_per_measurement,
     );
+    if let Some(broker) = &r.run.kafka_broker {
+        let _ = writeln!(
+            s,
+            "- Kafka: three brokers ({broker}) in b1–b3, each with an EXTERNAL listener on :39092 \
+             advertised as `b<id>.kafka.kpf.test:<9092+id>`, names the client namespace resolves to the \
+             gateway; every path but plain routing maps gateway port 9092+id to broker id (plain routing \
+             cannot serve these clients: the brokers advertise the gateway's ports). A confluent-kafka \
+             client in the client namespace (`xtask/scripts/kafka_throughput.py`) bootstraps through \
+             port 9093, creates a topic with one partition per broker and replication factor 1 (every \
+             byte crosses the path once), produces {} B random messages (acks=all, linger 5 ms, no \
+             compression) for {} s and flushes (produce MB/s: bytes acknowledged ÷ first send to last \
+             acknowledgement), reads them all back from the beginning (consume MB/s), and deletes the \
+             topic. MB = 10⁶ bytes of message values. CPU as above over both phases, per GB produced \
+             plus consumed.",
+            super::kafka::MESSAGE_BYTES,
+            r.run.seconds_per_measurement,
+        );
+    }
     let tools: Vec<String> = r.tools.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     let _ = writeln!(s, "- Tools: {}.", tools.join("; "));
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{
-    connrate::ConnRate, latency::Latency, machine::Machine, progcost::ProgCost, targets::Target, throughput::Bulk,
+    connrate::ConnRate, kafka::KafkaThroughput, latency::Latency, machine::Machine, progcost::ProgCost, targets::Target, throughput::Bulk,
     topo::IfaceSettings,
 };
 
@@ -40,6 +40,8 @@ pub struct Rep {
     pub bulk_rev: Option<Bulk>,
     pub latency: Option<Latency>,
     pub connrate: Option<ConnRate>,
+    /// Kafka producer then consumer (not on plain routing: see kafka.rs).
+    pub kafka: Option<KafkaThroughput>,
     /// kpf's global counters when it stopped (kpf paths).
     pub kpf_counters: Option<BTreeMap<String, u64>>,
     pub errors: Vec<String>,
@@ -135,6 +137,31 @@ pub const METRICS: &[Metric] = &[
         decimals: 3,
         get: |r| Some(r.connrate.as_ref()?.cpu_s_per_1000_conns()),
     },
+    // Not charted: the chart is relative to plain routing, which has no Kafka figures.
+    Metric {
+        key: "kafka_produce_mb_s",
+        header: "Kafka produce MB/s",
+        chart: None,
+        higher_is_better: true,
+        decimals: 1,
+        get: |r| Some(r.kafka.as_ref()?.produce_mb_s()),
+    },
+    Metric {
+        key: "kafka_consume_mb_s",
+        header: "Kafka consume MB/s",
+        chart: None,
+        higher_is_better: true,
+        decimals: 1,
+        get: |r| Some(r.kafka.as_ref()?.consume_mb_s()),
+    },
+    Metric {
+        key: "kafka_cpu_s_per_gb",
+        header: "Kafka CPU s/GB",
+        chart: None,
+        higher_is_better: false,
+        decimals: 2,
+        get: |r| Some(r.kafka.as_ref()?.cpu_s_per_gb()),
+    },
 ];
 
 #[derive(Clone, Debug, Serialize)]
@@ -174,6 +201,8 @@ pub struct RunInfo {
     pub prog_repeat: u32,
     pub prog_trials: u32,
     pub prog_syns: u32,
+    /// The brokers of the Kafka scenario, if it ran.
+    pub kafka_broker: Option<String>,
     pub wall_seconds: f64,
 }
 

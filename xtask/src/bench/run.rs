@@ -8,11 +8,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use kpf_tests::kpf_proc::kpf_binary;
+use kpf_tests::{kafka::KafkaCluster, kpf_proc::kpf_binary};
 
 use super::{
-    Options, chart, connrate, cpu, latency, machine,
-    paths::{self, PathSpec},
+    Options, chart, connrate, cpu, kafka, latency, machine,
+    paths::{self, Kind, PathSpec},
     proc, progcost, report,
     results::{PathResult, Rep, Results, RunInfo},
     targets, throughput,
@@ -21,7 +21,7 @@ use super::{
 use crate::util::{is_root, workspace_root};
 
 /// The measurements `--metrics` can name.
-const MEASUREMENTS: [&str; 4] = ["prog", "bulk", "latency", "connrate"];
+const MEASUREMENTS: [&str; 5] = ["prog", "bulk", "latency", "connrate", "kafka"];
 
 struct Plan {
     smoke: bool,
@@ -95,6 +95,7 @@ pub fn run(opts: Options) -> Result<()> {
     let plan = Plan::new(&opts)?;
     check_tools()?;
     kpf_binary()?;
+    let kafka_flavor = if plan.wants("kafka") { kafka::find()? } else { None };
     proc::install_signal_handlers();
     for name in kpf_tests::netns::sweep_stale()? {
         println!("bench: removed namespace {name} left by an earlier, killed run");
@@ -128,11 +129,17 @@ pub fn run(opts: Options) -> Result<()> {
     load_note("before the run")?;
 
     // 1. kpf's own per-packet cost, next to an empty program.
-    println!(
-        "[prog] BPF_PROG_TEST_RUN: {} trials × (repeat {} for empty / unmapped / established, {} × {} chained new \
-         flows, {} distinct SYNs once each)",
-        plan.prog.trials, plan.prog.repeat, plan.prog.chain_runs, plan.prog.chain, plan.prog.syns
-    );
+    if plan.wants("prog") {
+        println!(
+            "[prog] BPF_PROG_TEST_RUN: {} trials × (repeat {} for empty / unmapped / established, {} × {} chained \
+             new flows, {} distinct SYNs once each)",
+            plan.prog.trials,
+            plan.prog.repeat,
+            plan.prog.chain_runs,
+            plan.prog.chain,
+            plan.prog.syns
+        );
+    }
     let prog = match plan.wants("prog").then(|| progcost::measure(plan.prog)).transpose() {
         Ok(None) => None,
         Ok(Some(p)) => {
@@ -156,6 +163,24 @@ pub fn run(opts: Options) -> Result<()> {
     proc::check_interrupted()?;
     println!("[topo] building the two-NIC topology and starting the servers");
     let bench = Bench::new()?;
+    let mut cluster = match &kafka_flavor {
+        None => None,
+        Some(flavor) => {
+            println!("[kafka] starting three brokers ({}) in b1, b2, b3", flavor.describe());
+            match kafka::start(&bench, flavor) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    proc::check_interrupted()?;
+                    println!("[kafka] FAILED: {e:#}");
+                    errors.push(format!("kafka: {e:#}"));
+                    None
+                }
+            }
+        }
+    };
+    if cluster.is_some() {
+        load_note("with the Kafka brokers idle")?;
+    }
     let settings = bench.settings()?;
     let settings_offloads = if plan.paths.iter().any(|p| p.offloads) {
         bench.set_sender_offloads(true)?;
@@ -187,15 +212,20 @@ pub fn run(opts: Options) -> Result<()> {
                 offloads_on = spec.offloads;
             }
             let baseline = if spec.offloads { settings_offloads.as_deref().unwrap_or(&settings) } else { &settings };
-            let r = run_path(&bench, spec, rep, &plan, baseline)?;
+            let r = run_path(&bench, spec, rep, &plan, baseline, cluster.as_mut())?;
             for e in &r.errors {
                 errors.push(format!("{} rep {rep}: {e}", spec.id));
             }
             results[i].reps.push(r);
         }
     }
+    let kafka_broker = cluster.as_ref().and(kafka_flavor.as_ref()).map(|f| f.describe());
+    drop(cluster);
     drop(bench);
     load_note("after the run")?;
+    if plan.wants("kafka") && kafka_flavor.is_none() {
+        notes.push("The Kafka scenario was skipped: no broker is installed (KPF_SKIP_KAFKA=1).".into());
+    }
 
     // 4. Report.
     for p in &mut results {
@@ -242,6 +272,7 @@ pub fn run(opts: Options) -> Result<()> {
             prog_repeat: prog.as_ref().and_then(|p| p.case("empty")).map_or(plan.prog.repeat, |c| c.repeat),
             prog_trials: plan.prog.trials,
             prog_syns: plan.prog.syns,
+            kafka_broker,
             wall_seconds: started.elapsed().as_secs_f64(),
         },
         tools: machine::tools(),
@@ -311,7 +342,14 @@ fn settings_diff(a: &[IfaceSettings], b: &[IfaceSettings]) -> Vec<String> {
 }
 
 /// One path, one repetition. `Err` only for Ctrl-C; everything else lands in the `Rep`.
-fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, baseline: &[IfaceSettings]) -> Result<Rep> {
+fn run_path(
+    bench: &Bench,
+    spec: &'static PathSpec,
+    rep: u32,
+    plan: &Plan,
+    baseline: &[IfaceSettings],
+    cluster: Option<&mut KafkaCluster>,
+) -> Result<Rep> {
     let mut out = Rep { rep, ..Rep::default() };
     let tag = format!("[rep {rep}/{}] {:<11}", plan.reps, spec.id);
     match bench.settings() {
@@ -387,6 +425,22 @@ fn run_path(bench: &Bench, spec: &'static PathSpec, rep: u32, plan: &Plan, basel
         if served + connrate::THREADS as u64 * 2 < c.conns_total {
             out.errors
                 .push(format!("the echo server served {served} connections, the client counted {}", c.conns_total));
+        }
+    }
+    if let Some(cluster) = cluster {
+        if spec.kind == Kind::Routing {
+            println!("{tag} kafka         n/a: the brokers advertise the gateway's ports, which plain routing does not map");
+        } else {
+            let show = |k: &kafka::KafkaThroughput| {
+                format!(
+                    "produce {:.1} MB/s, consume {:.1} MB/s ({} messages), CPU {:.2} s/GB",
+                    k.produce_mb_s(),
+                    k.consume_mb_s(),
+                    k.messages,
+                    k.cpu_s_per_gb()
+                )
+            };
+            out.kafka = step(&tag, "kafka", &mut out, || kafka::measure(bench, cluster, secs), show)?;
         }
     }
     if let Err(e) = active.check() {

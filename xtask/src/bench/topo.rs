@@ -310,9 +310,11 @@ fn clean_qdisc(line: &str) -> String {
     out.join(" ")
 }
 
-/// The frontend/backend pairs for a forwarder that maps each service port.
+/// The frontend/backend pairs for a forwarder that maps each service port, then each Kafka
+/// broker's advertised port.
 pub fn port_map(b: &Bench) -> Vec<(SocketAddrV4, SocketAddrV4)> {
-    Service::ALL.iter().map(|&s| (b.frontend(s), b.backend(s))).collect()
+    let services = Service::ALL.iter().map(|&s| (b.frontend(s), b.backend(s)));
+    services.chain(super::kafka::frontends(b)).collect()
 }
 
 #[cfg(test)]
