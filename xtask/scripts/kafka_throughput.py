@@ -35,6 +35,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 RESULT = {"stage": "start"}
+# Set once the topic exists: a failed run still deletes it (it may hold a measurement's worth of data).
+CLEANUP = []
 
 
 def finish(code):
@@ -47,6 +49,11 @@ def finish(code):
 
 def fail(why):
     RESULT["error"] = "%s: %s" % (RESULT["stage"], why)
+    for undo in CLEANUP:
+        try:
+            undo()
+        except Exception:
+            pass
     finish(1)
 
 
@@ -76,6 +83,7 @@ def create_topic(args, admin, brokers):
         futures[args.topic].result(timeout=15)
     except KafkaException as e:
         fail("create_topics: %s" % e.args[0])
+    CLEANUP.append(lambda: admin.delete_topics([args.topic], operation_timeout=5, request_timeout=5)[args.topic].result(timeout=5))
     deadline = time.monotonic() + 10
     while True:
         t = admin.list_topics(topic=args.topic, timeout=5).topics.get(args.topic)
@@ -116,14 +124,14 @@ def produce(args, partitions):
     cpu0, t0 = busy_cpu_s(), time.monotonic()
     end = t0 + args.seconds
     while time.monotonic() < end:
-        for _ in range(256):
-            try:
-                producer.produce(args.topic, payload, partition=partitions[sent % len(partitions)], on_delivery=on_delivery)
-                sent += 1
-            except BufferError:
-                # The local queue is full: wait for acknowledgements.
-                producer.poll(0.005)
-        producer.poll(0)
+        try:
+            producer.produce(args.topic, payload, partition=partitions[sent % len(partitions)], on_delivery=on_delivery)
+            sent += 1
+            if sent % 64 == 0:
+                producer.poll(0)
+        except BufferError:
+            # The local queue is full: wait for acknowledgements.
+            producer.poll(0.005)
     left = producer.flush(30)
     t1, cpu1 = time.monotonic(), busy_cpu_s()
     if left or errors or acked[0] != sent:
@@ -145,8 +153,13 @@ def consume(args, partitions, count):
         if time.monotonic() > deadline:
             fail("%d of %d messages consumed" % (got, count))
         for msg in consumer.consume(num_messages=10000, timeout=1.0):
-            if msg.error():
-                fail(str(msg.error()))
+            err = msg.error()
+            if err is not None:
+                # Client-level events (a dropped connection) are retried by librdkafka; a fatal
+                # error or one about the topic's partitions is not.
+                if err.fatal() or msg.topic() is not None:
+                    fail(str(err))
+                continue
             got += 1
             got_bytes += len(msg.value())
     t1, cpu1 = time.monotonic(), busy_cpu_s()
@@ -167,15 +180,17 @@ def main():
     signal.signal(signal.SIGALRM, lambda *_: fail("watchdog: no result within %d s" % args.deadline))
     signal.alarm(args.deadline)
 
-    admin = AdminClient(common(args))
-    partitions = create_topic(args, admin, args.brokers)
-    count = produce(args, partitions)
-    consume(args, partitions, count)
-    RESULT["stage"] = "delete"
     try:
+        admin = AdminClient(common(args))
+        partitions = create_topic(args, admin, args.brokers)
+        count = produce(args, partitions)
+        consume(args, partitions, count)
+        RESULT["stage"] = "delete"
+        CLEANUP.clear()
         admin.delete_topics([args.topic], operation_timeout=10, request_timeout=10)[args.topic].result(timeout=15)
-    except KafkaException as e:
-        fail("delete_topics: %s" % e.args[0])
+    except Exception as e:
+        # Whatever went wrong (a timeout, a KafkaException): still one JSON line saying what.
+        fail(repr(e))
     RESULT["stage"] = "done"
     finish(0)
 

@@ -126,7 +126,9 @@ pub fn measure(bench: &Bench, cluster: &mut KafkaCluster, secs: u64) -> Result<K
         "--deadline",
         &deadline.to_string(),
     ]);
-    let done = kafka::run_bounded(&mut cmd, Duration::from_secs(deadline + 10), || {
+    proc::die_with_parent(&mut cmd);
+    // Past the client's own watchdog, with room for the cleanup it does when that fires.
+    let done = kafka::run_bounded(&mut cmd, Duration::from_secs(deadline + 45), || {
         if proc::interrupted() {
             return Some("interrupted".into());
         }
@@ -135,8 +137,8 @@ pub fn measure(bench: &Bench, cluster: &mut KafkaCluster, secs: u64) -> Result<K
     .context("running the Kafka client")?;
     proc::check_interrupted()?;
     let line = done.stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("the Kafka client printed no result: {done}"))?;
+    let v: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("the Kafka client printed no result: {done}\n{}", cluster.logs(10)))?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("Kafka client: {e}\n{}", cluster.logs(10));
     }

@@ -43,7 +43,8 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-fn die_with_parent(cmd: &mut Command) {
+/// The child gets SIGKILL when xtask dies, however it dies.
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

@@ -224,7 +224,7 @@ pub fn run(opts: Options) -> Result<()> {
     drop(bench);
     load_note("after the run")?;
     if plan.wants("kafka") && kafka_flavor.is_none() {
-        notes.push("The Kafka scenario was skipped: no broker is installed (KPF_SKIP_KAFKA=1).".into());
+        notes.push("The Kafka scenario was skipped: no broker or no Kafka client is installed (KPF_SKIP_KAFKA=1).".into());
     }
 
     // 4. Report.
