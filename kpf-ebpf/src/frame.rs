@@ -47,7 +47,7 @@ pub trait Frame {
     fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter>;
 }
 
-/// Addresses, ports and the IPv4 header checksum, as `kpf_common::nat::rewrite_fields` does,
+/// Addresses, ports and the IPv4 header checksum, as `kpf_common::nat::rewrite` does,
 /// one instruction per field (see access.rs).
 #[inline(always)]
 fn rewrite_fields(pkt: &Packet, nat: &Nat) {
@@ -110,7 +110,10 @@ impl Frame for XdpContext {
         rewrite_fields(pkt, nat);
         let tcp = pkt.tcp as *mut u8;
         // SAFETY: parse bounds-checked the TCP header (its checksum is at 16..18).
-        unsafe { store16::<16>(tcp, nat::tcp_check(nat, load16::<16>(tcp), xdp_l4_csum(self, pkt.ip_len, cfg))) };
+        unsafe {
+            let check = load16::<TCP_CHECK_OFFSET>(tcp);
+            store16::<TCP_CHECK_OFFSET>(tcp, nat::tcp_check(nat, check, xdp_l4_csum(self, pkt.ip_len, cfg)));
+        }
         self.send_frame(pkt.eth, nh)
     }
 
@@ -193,7 +196,7 @@ impl Frame for TcContext {
     /// (addresses) and the port delta are applied separately for that reason.
     #[inline(always)]
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, _cfg: &Config) -> Result<u32, Counter> {
-        let check_at = (pkt.tcp as usize - Frame::data(self) + TCP_CHECK_OFFSET) as u32;
+        let check_at = (pkt.tcp as usize - Frame::data(self) + TCP_CHECK_OFFSET as usize) as u32;
         rewrite_fields(pkt, nat);
         set_macs(pkt.eth, nh);
         // SAFETY: the live skb; the helpers bounds-check the offset. No packet pointer is used
@@ -217,7 +220,8 @@ impl Frame for TcContext {
     }
 }
 
-const TCP_CHECK_OFFSET: usize = 16;
+/// Where the TCP checksum sits in the TCP header.
+const TCP_CHECK_OFFSET: i16 = 16;
 
 #[inline(always)]
 fn redirect(ifindex: u32) -> u32 {

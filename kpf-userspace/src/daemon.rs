@@ -181,7 +181,8 @@ impl Daemon {
             timeouts_ns: config.timeouts.to_kernel(),
             snat_port_min: config.snat_ports.min,
             snat_port_max: config.snat_ports.max,
-            tick_ns: dp.tick_ns(),
+            // Always this machine's: Dataplane::set_kernel_config fills it in.
+            tick_ns: 0,
             fib_gen: previous.map_or(0, |k| k.fib_gen),
             min_mtu: previous.map_or(1500, |k| k.min_mtu),
         };

@@ -168,10 +168,6 @@ impl Dataplane {
         self.ebpf.program_mut(name).ok_or_else(|| Error::Environment(format!("program {name} is missing from the object")))
     }
 
-    pub fn tick_ns(&self) -> u32 {
-        self.tick_ns
-    }
-
     /// Now, in the clock the program stamps flows with (`Flow::last_seen_ns`, `created_ns`):
     /// read by running the program's own clock code. Needs the kernel config set.
     pub fn now_ns(&self) -> Result<u64> {

@@ -11,8 +11,8 @@
 //! The client is `xtask/scripts/kafka_throughput.py` (confluent-kafka, i.e. librdkafka): one
 //! topic per measurement with one partition per broker and replication factor 1 (every byte
 //! crosses the path once; replication would add traffic that never touches the gateway),
-//! [`MESSAGE_BYTES`] messages produced with acks=all for the measurement's duration, then consumed back, then
-//! the topic is deleted.
+//! [`MESSAGE_BYTES`] messages produced with acks=all for the measurement's duration, then
+//! consumed back, then the topic is deleted.
 
 use std::{
     net::SocketAddrV4,

@@ -93,12 +93,8 @@ pub fn tools() -> BTreeMap<&'static str, String> {
 
 /// The Kafka client library the Kafka scenario's Python client runs on.
 fn librdkafka() -> String {
-    Command::new(kpf_tests::kafka::PYTHON)
-        .args(["-c", "import confluent_kafka as k; print('%s (confluent-kafka %s)' % (k.libversion()[0], k.version()[0]))"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map_or_else(|| "missing".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    let script = "import confluent_kafka as k; print('%s (confluent-kafka %s)' % (k.libversion()[0], k.version()[0]))";
+    output(Command::new(kpf_tests::kafka::PYTHON).args(["-c", script])).unwrap_or_else(|| "missing".into())
 }
 
 #[cfg(test)]

@@ -320,8 +320,8 @@ fn haproxy_config(b: &Bench) -> String {
          timeout client 1m\n    timeout server 1m\n",
     );
     for (fe, be) in port_map(b) {
-        let name = Service::ALL.iter().find(|s| s.port() == fe.port()).map_or_else(|| format!("port-{}", fe.port()), |s| s.name().to_owned());
-        s += &format!("\nlisten {name}\n    bind {fe}\n    server {name} {be}\n");
+        let port = fe.port();
+        s += &format!("\nlisten fe-{port}\n    bind {fe}\n    server be-{port} {be}\n");
     }
     s
 }

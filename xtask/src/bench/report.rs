@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
+use kpf_tests::kafka;
 
 use super::{
     results::{METRICS, Metric, PathResult, Results, Summary},
@@ -237,17 +238,21 @@ fn markdown(r: &Results) -> String {
     if let Some(broker) = &r.run.kafka_broker {
         let _ = writeln!(
             s,
-            "- Kafka: three brokers ({broker}) in b1–b3, each with an EXTERNAL listener on :39092 \
-             advertised as `b<id>.kafka.kpf.test:<9092+id>`, names the client namespace resolves to the \
-             gateway; every path but plain routing maps gateway port 9092+id to broker id (plain routing \
-             cannot serve these clients: the brokers advertise the gateway's ports). A confluent-kafka \
-             client in the client namespace (`xtask/scripts/kafka_throughput.py`) bootstraps through \
-             port 9093, creates a topic with one partition per broker and replication factor 1 (every \
+            "- Kafka: three brokers ({broker}) in b1–b3, each with an EXTERNAL listener on :{} \
+             advertised as `{}:{}` for broker 1 (port = {} + id), names the client namespace resolves to the gateway; every \
+             path but plain routing maps that gateway port to the broker (plain routing cannot serve these \
+             clients: the brokers advertise the gateway's ports). A confluent-kafka client in the client \
+             namespace (`xtask/scripts/kafka_throughput.py`) bootstraps through port {}, creates a topic with one partition per broker and replication factor 1 (every \
              byte crosses the path once), produces {} B random messages (acks=all, linger 5 ms, no \
              compression) for {} s and flushes (produce MB/s: bytes acknowledged ÷ first send to last \
              acknowledgement), reads them all back from the beginning (consume MB/s), and deletes the \
              topic. MB = 10⁶ bytes of message values. CPU as above over both phases, per GB produced \
              plus consumed.",
+            kafka::EXTERNAL_PORT,
+            kafka::advertised_host(1),
+            kafka::advertised_port(1),
+            kafka::BOOTSTRAP_PORT,
+            kafka::advertised_port(1),
             super::kafka::MESSAGE_BYTES,
             r.run.seconds_per_measurement,
         );

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{
-    connrate::ConnRate, kafka::KafkaThroughput, latency::Latency, machine::Machine, progcost::ProgCost, targets::Target, throughput::Bulk,
-    topo::IfaceSettings,
+    connrate::ConnRate, kafka::KafkaThroughput, latency::Latency, machine::Machine, progcost::ProgCost,
+    targets::Target, throughput::Bulk, topo::IfaceSettings,
 };
 
 #[derive(Clone, Copy, Debug, Serialize)]

@@ -129,7 +129,7 @@ pub fn run(opts: Options) -> Result<()> {
     load_note("before the run")?;
 
     // 1. kpf's own per-packet cost, next to an empty program.
-    if plan.wants("prog") {
+    let prog = if plan.wants("prog") {
         println!(
             "[prog] BPF_PROG_TEST_RUN: {} trials × (repeat {} for empty / unmapped / established, {} × {} chained \
              new flows, {} distinct SYNs once each)",
@@ -139,8 +139,11 @@ pub fn run(opts: Options) -> Result<()> {
             plan.prog.chain,
             plan.prog.syns
         );
-    }
-    let prog = match plan.wants("prog").then(|| progcost::measure(plan.prog)).transpose() {
+        progcost::measure(plan.prog).map(Some)
+    } else {
+        Ok(None)
+    };
+    let prog = match prog {
         Ok(None) => None,
         Ok(Some(p)) => {
             for c in &p.cases {

@@ -64,14 +64,6 @@ impl Service {
             Service::Echo => 2,
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::Iperf => "iperf3",
-            Service::Sockperf => "sockperf",
-            Service::Echo => "echo",
-        }
-    }
 }
 
 /// The topology and its long-running servers. Dropping it stops the servers and deletes every
