@@ -147,7 +147,18 @@ def produce(args, partitions):
 def consume(args, partitions, count):
     RESULT["stage"] = "consume"
     conf = common(args)
-    conf.update({"group.id": "kpf-bench", "enable.auto.commit": False, "enable.partition.eof": False})
+    conf.update({
+        "group.id": "kpf-bench",
+        "enable.auto.commit": False,
+        "enable.partition.eof": False,
+        # librdkafka stops fetching a partition whose prefetch queue holds this much and, before
+        # 2.3 (no fetch.queue.backoff.ms), waits a fixed second before fetching it again. With
+        # the 64 MB default, a path that fills the queue faster than this script drains it left
+        # the consumer idle for most of that second: the faster the path, the lower its figure.
+        # 512 MB per partition outlasts that second at any drain rate seen here (up to ~180 MB/s
+        # per partition), so the figure is the path's again; the client holds at most 1.5 GB.
+        "queued.max.messages.kbytes": 524288,
+    })
     consumer = Consumer(conf)
     got, got_bytes = 0, 0
     cpu0, t0 = busy_cpu_s(), time.monotonic()
