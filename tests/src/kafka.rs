@@ -437,8 +437,8 @@ impl KafkaCluster {
     /// Starts one broker per namespace of `backends` (node ids 1, 2, ... in order, at `addrs`),
     /// writes `client`'s hosts file (advertised names -> `gateway`), and waits until metadata
     /// lists every broker and every EXTERNAL listener accepts connections, for at most
-    /// `ready_timeout`. On any failure everything started so far is removed and the error
-    /// carries the brokers' logs.
+    /// `ready_timeout`, or until `cancelled` says so (asked while waiting). On any failure
+    /// everything started so far is removed and the error carries the brokers' logs.
     pub fn start(
         flavor: &Flavor,
         backends: &[Netns],
@@ -446,6 +446,7 @@ impl KafkaCluster {
         gateway: Ipv4Addr,
         client: &Netns,
         ready_timeout: Duration,
+        cancelled: impl Fn() -> bool,
     ) -> io::Result<KafkaCluster> {
         assert_eq!(backends.len(), addrs.len(), "one address per backend namespace");
         for p in sweep_stale() {
@@ -498,7 +499,7 @@ impl KafkaCluster {
         for i in 0..cluster.brokers.len() {
             cluster.spawn(i)?;
         }
-        cluster.wait_ready(ready_timeout)?;
+        cluster.wait_ready(ready_timeout, cancelled)?;
         Ok(cluster)
     }
 
@@ -590,7 +591,7 @@ impl KafkaCluster {
         Ok(())
     }
 
-    fn wait_ready(&mut self, limit: Duration) -> io::Result<()> {
+    fn wait_ready(&mut self, limit: Duration, cancelled: impl Fn() -> bool) -> io::Result<()> {
         let t0 = Instant::now();
         let internal: Vec<String> = self.brokers.iter().map(|b| format!("{}:{INTERNAL_PORT}", b.addr)).collect();
         let external: Vec<String> = self.brokers.iter().map(|b| format!("{}:{EXTERNAL_PORT}", b.addr)).collect();
@@ -602,8 +603,14 @@ impl KafkaCluster {
             .arg(self.brokers.len().to_string())
             .arg(limit.as_secs_f64().to_string());
         let done = run_bounded(&mut cmd, limit + Duration::from_secs(10), || {
+            if cancelled() {
+                return Some("cancelled".to_owned());
+            }
             self.check_running().err().map(|e| e.to_string())
         })?;
+        if cancelled() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled while the Kafka cluster started"));
+        }
         if !done.success() {
             return Err(io::Error::other(format!(
                 "the Kafka cluster ({}) was not ready within {limit:?}: {}\n{}",

@@ -294,7 +294,7 @@ fn kafka_through_kpf() {
     let ready = if matches!(flavor, Flavor::Apache { .. }) { APACHE_READY } else { CRABKA_READY };
     let t = Instant::now();
     let mut cluster =
-        KafkaCluster::start(&flavor, &topo.backends, &topo.backend_addrs, topo.gateway_addr, &topo.client, ready)
+        KafkaCluster::start(&flavor, &topo.backends, &topo.backend_addrs, topo.gateway_addr, &topo.client, ready, || false)
             .expect("starting the Kafka cluster");
     let hosts = std::fs::read_to_string(cluster.hosts_dir().unwrap().join("hosts")).unwrap();
     assert!(hosts.contains("10.100.0.1\tb1.kafka.kpf.test b2.kafka.kpf.test b3.kafka.kpf.test"), "{hosts}");

@@ -66,6 +66,7 @@ pub fn start(bench: &Bench, flavor: &kafka::Flavor) -> Result<KafkaCluster> {
         net.frontend_addr(),
         net.client(),
         Duration::from_secs(60),
+        proc::interrupted,
     )
     .context("starting the Kafka cluster")
 }
