@@ -33,7 +33,7 @@ use std::{
 use kpf_tests::{
     bpffs::{self, BpfFs},
     cli::{CliOutput, KpfCli},
-    kpf_proc::{Kpf, Mode, kpf_binary},
+    kpf_proc::{Kpf, Mode, SNAT_PORTS, kpf_binary},
     netns::{self, Netns},
     peer::{self, Backend, EchoLoop, Pattern, Session},
     routed::{BOTTLENECK_MTU, Routed},
@@ -185,7 +185,8 @@ fn syn_flood_does_not_touch_established() {
         let gw = topo.gateway_addr;
         let fe = |port: u16| SocketAddr::V4(SocketAddrV4::new(gw, port));
         let mapping = port_mapping(&topo);
-        let text = config(&["eth0"], "snat_ports = \"40000-59999\"\nmax_flows = 1024\n", "", Some(gw), &mapping);
+        let top = format!("snat_ports = \"{SNAT_PORTS}\"\nmax_flows = 1024\n");
+        let text = config(&["eth0"], &top, "", Some(gw), &mapping);
         let kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         step(&mut t, "topology, backends, kpf ready");
 
@@ -675,7 +676,8 @@ fn pmtu_through_the_gateway() {
         let backend = Backend::new(&topo.backends[0], "b1").expect("starting the backend");
         let fe_addr = topo.gateway_client_addr;
         let b = SocketAddrV4::new(topo.backend_addrs[0], BACKEND_PORT);
-        let text = config(&["eth0", "eth1"], "snat_ports = \"40000-59999\"\n", "", Some(fe_addr), &[(9093, b)]);
+        let top = format!("snat_ports = \"{SNAT_PORTS}\"\n");
+        let text = config(&["eth0", "eth1"], &top, "", Some(fe_addr), &[(9093, b)]);
         let kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         let fe = SocketAddr::V4(SocketAddrV4::new(fe_addr, 9093));
         step(&mut t, "routed topology, backend, kpf ready");
@@ -1312,7 +1314,7 @@ fn control_socket_survives_garbage() {
         let backends = start_backends(&topo.backends);
         let mut pins = BpfFs::new().expect("mounting a bpffs");
         let mapping = port_mapping(&topo);
-        let top = format!("snat_ports = \"40000-59999\"\npin_dir = {:?}\n", pins.path().display().to_string());
+        let top = format!("snat_ports = \"{SNAT_PORTS}\"\npin_dir = {:?}\n", pins.path().display().to_string());
         let text = config(&["eth0"], &top, "", None, &mapping);
         let mut kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         pins.down_on_drop(kpf.binary(), kpf.config_path(), kpf.socket());
@@ -1605,7 +1607,7 @@ fn refuses_without_rights() {
     {
         let backends = start_backends(&topo.backends);
         let mapping = port_mapping(&topo);
-        let text = config(&["eth0"], "snat_ports = \"40000-59999\"\n", "", None, &mapping);
+        let text = config(&["eth0"], &format!("snat_ports = \"{SNAT_PORTS}\"\n"), "", None, &mapping);
         let kpf = Kpf::start(&topo.gateway, &text, Mode::Native).expect("starting kpf");
         let pid = kpf.pid().unwrap();
         let cli = KpfCli::new(&binary, kpf.socket());
