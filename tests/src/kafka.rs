@@ -438,7 +438,8 @@ impl KafkaCluster {
     /// writes `client`'s hosts file (advertised names -> `gateway`), and waits until metadata
     /// lists every broker and every EXTERNAL listener accepts connections, for at most
     /// `ready_timeout`, or until `cancelled` says so (asked while waiting). On any failure
-    /// everything started so far is removed and the error carries the brokers' logs.
+    /// everything started so far is removed and the error carries the brokers' logs (unless it
+    /// was cancelled).
     pub fn start(
         flavor: &Flavor,
         backends: &[Netns],

@@ -151,13 +151,13 @@ def consume(args, partitions, count):
         "group.id": "kpf-bench",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
-        # librdkafka stops fetching a partition whose prefetch queue holds this much and, before
-        # 2.3 (no fetch.queue.backoff.ms), waits a fixed second before fetching it again. With
-        # the 64 MB default, a path that fills the queue faster than this script drains it left
-        # the consumer idle for most of that second: the faster the path, the lower its figure.
-        # 512 MB per partition outlasts that second at any drain rate seen here (up to ~180 MB/s
-        # per partition), so the figure is the path's again; the client holds at most 1.5 GB.
-        "queued.max.messages.kbytes": 524288,
+        # librdkafka's default prefetch is kept (queued.max.messages.kbytes, 64 MB for the whole
+        # consumer), although it understates the fastest paths: once the queue is full it stops
+        # fetching and, before 2.3 (no fetch.queue.backoff.ms), looks again only up to a second
+        # later, so a path that fills it faster than this script drains it leaves the consumer
+        # idle for the rest of that second. With 512 MB or 2 GB the figures were the paths' own,
+        # but this librdkafka (2.0.2) and crabka then stalled now and then, through nftables and
+        # kpf alike: every fetch answered with a few bytes while the connections stayed healthy.
     })
     consumer = Consumer(conf)
     got, got_bytes = 0, 0
