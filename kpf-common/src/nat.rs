@@ -1,8 +1,6 @@
 //! The address/port rewrite applied to every forwarded packet, with its checksum deltas
 //! computed once per connection instead of once per packet.
 
-use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-
 use crate::{csum, maps::FlowKey};
 
 /// What a conntrack entry rewrites its packets to, with the checksum deltas precomputed.
@@ -50,18 +48,6 @@ pub enum L4Csum {
     Partial,
 }
 
-/// Rewrites addresses, ports and both checksums in place: the model of what the kernel program
-/// does (kpf-ebpf's frame.rs makes the same stores, one instruction each, with this arithmetic).
-#[inline(always)]
-pub fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
-    ip.src_addr = nat.src_addr.to_ne_bytes();
-    ip.dst_addr = nat.dst_addr.to_ne_bytes();
-    ip.check = ip_check(nat, u16::from_ne_bytes(ip.check)).to_ne_bytes();
-    tcp.source = nat.src_port.to_ne_bytes();
-    tcp.dest = nat.dst_port.to_ne_bytes();
-    tcp.check = tcp_check(nat, u16::from_ne_bytes(tcp.check), l4).to_ne_bytes();
-}
-
 /// The IPv4 header checksum field after the rewrite, from the one before. (The kernel program
 /// does its own loads and stores, see kpf-ebpf's access.rs, and takes the arithmetic from here.)
 #[inline(always)]
@@ -88,7 +74,19 @@ pub const fn port_delta(nat: &Nat) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
     use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
+
+    /// Rewrites addresses, ports and both checksums in place: the model of what the kernel program
+    /// does (kpf-ebpf's frame.rs makes the same stores, one instruction each, with this arithmetic).
+    fn rewrite(nat: &Nat, ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, l4: L4Csum) {
+        ip.src_addr = nat.src_addr.to_ne_bytes();
+        ip.dst_addr = nat.dst_addr.to_ne_bytes();
+        ip.check = ip_check(nat, u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        tcp.source = nat.src_port.to_ne_bytes();
+        tcp.dest = nat.dst_port.to_ne_bytes();
+        tcp.check = tcp_check(nat, u16::from_ne_bytes(tcp.check), l4).to_ne_bytes();
+    }
 
     const IP: usize = 20;
 

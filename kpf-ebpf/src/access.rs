@@ -50,3 +50,23 @@ macro_rules! access {
 
 access!(load16, store16, u16, "u16");
 access!(load32, store32, u32, "u32");
+
+/// Where the fields kpf loads and stores sit, from network-types' header layouts.
+pub mod at {
+    use core::mem::offset_of;
+
+    use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
+
+    pub const IP_TOT_LEN: i16 = offset_of!(Ipv4Hdr, tot_len) as i16;
+    pub const IP_FRAGS: i16 = offset_of!(Ipv4Hdr, frags) as i16;
+    pub const IP_CHECK: i16 = offset_of!(Ipv4Hdr, check) as i16;
+    pub const IP_SRC: i16 = offset_of!(Ipv4Hdr, src_addr) as i16;
+    pub const IP_DST: i16 = offset_of!(Ipv4Hdr, dst_addr) as i16;
+    /// The source port, and with the destination port after it, both as one word.
+    pub const TCP_PORTS: i16 = offset_of!(TcpHdr, source) as i16;
+    pub const TCP_DST_PORT: i16 = offset_of!(TcpHdr, dest) as i16;
+    pub const TCP_SEQ: i16 = offset_of!(TcpHdr, seq) as i16;
+    /// The data offset byte, then the flags byte.
+    pub const TCP_OFF_FLAGS: i16 = offset_of!(TcpHdr, _bitfield_1) as i16;
+    pub const TCP_CHECK: i16 = offset_of!(TcpHdr, check) as i16;
+}

@@ -16,7 +16,7 @@ use kpf_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    access::{load16, store16, store32},
+    access::{at, load16, store16, store32},
     maps::{DEVMAP, IFACES},
     parse::Packet,
 };
@@ -47,19 +47,18 @@ pub trait Frame {
     fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter>;
 }
 
-/// Addresses, ports and the IPv4 header checksum, as `kpf_common::nat::rewrite` does,
+/// Addresses, ports and the IPv4 header checksum, as the model in `kpf_common::nat`'s tests does,
 /// one instruction per field (see access.rs).
 #[inline(always)]
 fn rewrite_fields(pkt: &Packet, nat: &Nat) {
     let (ip, tcp) = (pkt.ip as *mut u8, pkt.tcp as *mut u8);
-    // SAFETY: parse bounds-checked both headers: IPv4 checksum at 10..12 and addresses at 12..20,
-    // TCP ports at 0..4.
+    // SAFETY: parse bounds-checked both headers (IPv4 without options and the fixed TCP header).
     unsafe {
-        store32::<12>(ip, nat.src_addr);
-        store32::<16>(ip, nat.dst_addr);
-        store16::<10>(ip, nat::ip_check(nat, load16::<10>(ip)));
-        store16::<0>(tcp, nat.src_port);
-        store16::<2>(tcp, nat.dst_port);
+        store32::<{ at::IP_SRC }>(ip, nat.src_addr);
+        store32::<{ at::IP_DST }>(ip, nat.dst_addr);
+        store16::<{ at::IP_CHECK }>(ip, nat::ip_check(nat, load16::<{ at::IP_CHECK }>(ip)));
+        store16::<{ at::TCP_PORTS }>(tcp, nat.src_port);
+        store16::<{ at::TCP_DST_PORT }>(tcp, nat.dst_port);
     }
 }
 
@@ -109,10 +108,10 @@ impl Frame for XdpContext {
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter> {
         rewrite_fields(pkt, nat);
         let tcp = pkt.tcp as *mut u8;
-        // SAFETY: parse bounds-checked the TCP header (its checksum is at 16..18).
+        // SAFETY: parse bounds-checked the TCP header.
         unsafe {
-            let check = load16::<TCP_CHECK_OFFSET>(tcp);
-            store16::<TCP_CHECK_OFFSET>(tcp, nat::tcp_check(nat, check, xdp_l4_csum(self, pkt.ip_len, cfg)));
+            let check = load16::<{ at::TCP_CHECK }>(tcp);
+            store16::<{ at::TCP_CHECK }>(tcp, nat::tcp_check(nat, check, xdp_l4_csum(self, pkt.ip_len, cfg)));
         }
         self.send_frame(pkt.eth, nh)
     }
@@ -196,7 +195,7 @@ impl Frame for TcContext {
     /// (addresses) and the port delta are applied separately for that reason.
     #[inline(always)]
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, _cfg: &Config) -> Result<u32, Counter> {
-        let check_at = (pkt.tcp as usize - Frame::data(self) + TCP_CHECK_OFFSET as usize) as u32;
+        let check_at = (pkt.tcp as usize - Frame::data(self) + at::TCP_CHECK as usize) as u32;
         rewrite_fields(pkt, nat);
         set_macs(pkt.eth, nh);
         // SAFETY: the live skb; the helpers bounds-check the offset. No packet pointer is used
@@ -219,9 +218,6 @@ impl Frame for TcContext {
         Ok(redirect(nh.ifindex))
     }
 }
-
-/// Where the TCP checksum sits in the TCP header.
-const TCP_CHECK_OFFSET: i16 = 16;
 
 #[inline(always)]
 fn redirect(ifindex: u32) -> u32 {

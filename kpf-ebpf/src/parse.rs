@@ -4,7 +4,7 @@
 use kpf_common::{Counter, FlowKey, IPPROTO_TCP};
 
 use crate::{
-    access::{load16, load32},
+    access::{at, load16, load32},
     frame::Frame,
 };
 
@@ -65,7 +65,7 @@ impl Packet {
     #[inline(always)]
     pub fn next_seq(&self) -> u32 {
         // SAFETY: parse bounds-checked the TCP header.
-        let seq = u32::from_be(unsafe { load32::<4>(self.tcp as *const u8) });
+        let seq = u32::from_be(unsafe { load32::<{ at::TCP_SEQ }>(self.tcp as *const u8) });
         kpf_common::seq::next(seq, self.payload as u32, self.flags)
     }
 }
@@ -160,7 +160,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     }
     let ihl = ((iph.vihl & 0x0f) as usize) * 4;
     // SAFETY: bounds checked (as every access below).
-    let ip_len = u16::from_be(unsafe { load16::<2>(ip as *const u8) });
+    let ip_len = u16::from_be(unsafe { load16::<{ at::IP_TOT_LEN }>(ip as *const u8) });
     // The whole packet, not just its linear part: a GRO aggregate's payload is in pages.
     let frame_l3 = ctx.len().saturating_sub(l3);
     if ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl || ip_len as usize > frame_l3 {
@@ -173,7 +173,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     // Only the first fragment carries the ports; the rest cannot be matched to a connection
     // without reassembly. TCP sets DF and kpf translates "fragmentation needed" errors, so
     // forwarded connections do not fragment: every fragment goes to the kernel.
-    if u16::from_be(unsafe { load16::<6>(ip as *const u8) }) & IP_FRAG_MASK != 0 {
+    if u16::from_be(unsafe { load16::<{ at::IP_FRAGS }>(ip as *const u8) }) & IP_FRAG_MASK != 0 {
         return Err(Counter::PassFragment);
     }
     if proto == IPPROTO_ICMP {
@@ -182,18 +182,18 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
 
     let l4 = l3 + ihl;
     let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
-    // Byte 12 holds the data offset, byte 13 the flags.
     // SAFETY: bounds checked.
-    let [off, flags] = unsafe { load16::<12>(tcp as *const u8) }.to_ne_bytes();
+    let [off, flags] = unsafe { load16::<{ at::TCP_OFF_FLAGS }>(tcp as *const u8) }.to_ne_bytes();
     let doff = (off >> 4) as usize * 4;
     if doff < TcpHdr::LEN || ihl + doff > ip_len as usize {
         return Err(Counter::PassMalformed);
     }
 
     // Both ports as one word, in wire order (the key keeps them so).
+    let (ipb, tcpb) = (ip as *const u8, tcp as *const u8);
     // SAFETY: bounds checked.
     let (src, dst, ports) =
-        unsafe { (load32::<12>(ip as *const u8), load32::<16>(ip as *const u8), load32::<0>(tcp as *const u8)) };
+        unsafe { (load32::<{ at::IP_SRC }>(ipb), load32::<{ at::IP_DST }>(ipb), load32::<{ at::TCP_PORTS }>(tcpb)) };
     // Port 0 is not a TCP endpoint: no stack sends it, so it is not forwarded (nor tracked).
     if ports & 0xffff == 0 || ports >> 16 == 0 {
         return Err(Counter::PassMalformed);

@@ -161,11 +161,11 @@ impl Dataplane {
 
     /// A program of the object by name (all are built in, so a missing one is a broken build).
     fn object_program(&self, name: &str) -> Result<&aya::programs::Program> {
-        self.ebpf.program(name).ok_or_else(|| Error::Environment(format!("program {name} is missing from the object")))
+        self.ebpf.program(name).ok_or_else(|| missing_program(name))
     }
 
     fn object_program_mut(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
-        self.ebpf.program_mut(name).ok_or_else(|| Error::Environment(format!("program {name} is missing from the object")))
+        self.ebpf.program_mut(name).ok_or_else(|| missing_program(name))
     }
 
     /// Now, in the clock the program stamps flows with (`Flow::last_seen_ns`, `created_ns`):
@@ -571,6 +571,10 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+fn missing_program(name: &str) -> Error {
+    Error::Environment(format!("program {name} is missing from the object"))
 }
 
 /// A delete of a key that is not there: aya reports it as ENOENT from the syscall.
