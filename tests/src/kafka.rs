@@ -593,6 +593,7 @@ impl KafkaCluster {
     }
 
     fn wait_ready(&mut self, limit: Duration, cancelled: impl Fn() -> bool) -> io::Result<()> {
+        const CANCELLED: &str = "cancelled";
         let t0 = Instant::now();
         let internal: Vec<String> = self.brokers.iter().map(|b| format!("{}:{INTERNAL_PORT}", b.addr)).collect();
         let external: Vec<String> = self.brokers.iter().map(|b| format!("{}:{EXTERNAL_PORT}", b.addr)).collect();
@@ -605,11 +606,11 @@ impl KafkaCluster {
             .arg(limit.as_secs_f64().to_string());
         let done = run_bounded(&mut cmd, limit + Duration::from_secs(10), || {
             if cancelled() {
-                return Some("cancelled".to_owned());
+                return Some(CANCELLED.to_owned());
             }
             self.check_running().err().map(|e| e.to_string())
         })?;
-        if cancelled() {
+        if done.aborted.as_deref() == Some(CANCELLED) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled while the Kafka cluster started"));
         }
         if !done.success() {

@@ -26,7 +26,7 @@ use std::{
 use kpf_tests::{
     bpffs::{self, BpfFs},
     cli::{CliOutput, KpfCli},
-    kpf_proc::{Kpf, Launch, kpf_binary},
+    kpf_proc::{Kpf, Launch, SNAT_PORTS, kpf_binary},
     netns::{self, Netns},
     peer::{self, Backend, EchoLoop, Session},
     streams::{Pace, StreamReport, Streams},
@@ -90,7 +90,7 @@ fn config_text(pin_dir: &Path, socket: &Path, mapping: &Mapping) -> String {
 
 fn config_text_in(pin_dir: &Path, socket: &Path, mapping: &Mapping, mode: &str) -> String {
     let mut s = format!(
-        "interface = \"eth0\"\nmode = \"{mode}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n\
+        "interface = \"eth0\"\nmode = \"{mode}\"\nsnat_ports = \"{SNAT_PORTS}\"\nmanage_sysctls = true\n\
          pin_dir = {:?}\nsocket = {:?}\n\n\
          # The backends are traffic peers that log every odd connection: no health-check probes.\n\
          [health]\ncheck = \"none\"\n",

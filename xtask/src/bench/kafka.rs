@@ -107,9 +107,14 @@ fn script() -> PathBuf {
 
 static TOPICS: AtomicU32 = AtomicU32::new(0);
 
-/// Produces for `secs` seconds through the gateway, then consumes it all back.
-pub fn measure(bench: &Bench, cluster: &mut KafkaCluster, secs: u64) -> Result<KafkaThroughput> {
-    let bootstrap = SocketAddrV4::new(bench.net.frontend_addr(), kafka::advertised_port(1));
+/// Produces for `secs` seconds through `bootstrap` (the path's gateway port for broker 1), then
+/// consumes it all back.
+pub fn measure(
+    bench: &Bench,
+    cluster: &mut KafkaCluster,
+    bootstrap: SocketAddrV4,
+    secs: u64,
+) -> Result<KafkaThroughput> {
     let topic = format!("kpf-bench-{}-{}", std::process::id(), TOPICS.fetch_add(1, Ordering::Relaxed));
     let deadline = secs * 6 + 60;
     let mut cmd = bench.client().command(kafka::PYTHON);

@@ -13,8 +13,10 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use kpf_tests::{
+    kafka,
     kpf_proc::{self, Kpf, Mode},
     netns::Netns,
+    topology::Topology as _,
 };
 
 use super::{
@@ -42,14 +44,6 @@ pub struct PathSpec {
     pub description: &'static str,
     /// The endpoints send with checksum and segmentation offload on (see the module docs).
     pub offloads: bool,
-}
-
-impl PathSpec {
-    /// The id of the path in this one's offload group with `kind`'s role (`routing`,
-    /// `nftables`, `haproxy`): what this path is compared with.
-    pub fn reference(&self, role: &str) -> String {
-        if self.offloads { format!("{role}-offload") } else { role.to_owned() }
-    }
 }
 
 /// Every path, in run (and report) order. The first is the reference for "vs routing".
@@ -155,7 +149,10 @@ pub fn by_id(id: &str) -> Option<&'static PathSpec> {
 /// The id of the path playing `role` ("routing", "nftables", "haproxy") in `path_id`'s offload
 /// group: what every ratio, target and chart bar of that path is measured against.
 pub fn reference_id(path_id: &str, role: &str) -> String {
-    by_id(path_id).map_or_else(|| role.to_owned(), |s| s.reference(role))
+    match by_id(path_id) {
+        Some(s) if s.offloads => format!("{role}-offload"),
+        _ => role.to_owned(),
+    }
 }
 
 const NFT_TABLE: &str = "kpfbench";
@@ -231,6 +228,15 @@ impl Active<'_> {
         match self.spec.kind {
             Kind::Routing => self.bench.backend(s),
             _ => self.bench.frontend(s),
+        }
+    }
+
+    /// Where the Kafka client bootstraps on this path: the gateway's port for broker 1. `None` for
+    /// plain routing, which maps none of the gateway ports the brokers advertise.
+    pub fn kafka_bootstrap(&self) -> Option<SocketAddrV4> {
+        match self.spec.kind {
+            Kind::Routing => None,
+            _ => Some(SocketAddrV4::new(self.bench.net.frontend_addr(), kafka::advertised_port(1))),
         }
     }
 

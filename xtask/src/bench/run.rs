@@ -12,7 +12,7 @@ use kpf_tests::{kafka::KafkaCluster, kpf_proc::kpf_binary};
 
 use super::{
     Options, chart, connrate, cpu, kafka, latency, machine,
-    paths::{self, Kind, PathSpec},
+    paths::{self, PathSpec},
     proc, progcost, report,
     results::{PathResult, Rep, Results, RunInfo},
     targets, throughput,
@@ -155,9 +155,7 @@ pub fn run(opts: Options) -> Result<()> {
             Some(p)
         }
         Err(e) => {
-            proc::check_interrupted()?;
-            println!("[prog] FAILED: {e:#}");
-            errors.push(format!("program cost: {e:#}"));
+            failed("[prog]", "program cost", &e, &mut errors)?;
             None
         }
     };
@@ -173,9 +171,7 @@ pub fn run(opts: Options) -> Result<()> {
             match kafka::start(&bench, flavor) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    proc::check_interrupted()?;
-                    println!("[kafka] FAILED: {e:#}");
-                    errors.push(format!("kafka: {e:#}"));
+                    failed("[kafka]", "kafka", &e, &mut errors)?;
                     None
                 }
             }
@@ -326,12 +322,19 @@ fn step<T>(
             Ok(Some(v))
         }
         Err(e) => {
-            proc::check_interrupted()?;
-            println!("{tag} {what:<13} FAILED: {e:#}");
-            out.errors.push(format!("{what}: {e:#}"));
+            failed(&format!("{tag} {what:<13}"), what, &e, &mut out.errors)?;
             Ok(None)
         }
     }
+}
+
+/// Records a failed step and goes on (unless the user interrupted the run, which is what made it
+/// fail): says so after `shown`, and adds it to `errors` as `what: error`.
+fn failed(shown: &str, what: &str, e: &anyhow::Error, errors: &mut Vec<String>) -> Result<()> {
+    proc::check_interrupted()?;
+    println!("{shown} FAILED: {e:#}");
+    errors.push(format!("{what}: {e:#}"));
+    Ok(())
 }
 
 fn settings_diff(a: &[IfaceSettings], b: &[IfaceSettings]) -> Vec<String> {
@@ -367,9 +370,7 @@ fn run_path(
     let mut active = match spec.start(bench) {
         Ok(a) => a,
         Err(e) => {
-            proc::check_interrupted()?;
-            println!("{tag} set-up FAILED: {e:#}");
-            out.errors.push(format!("set-up: {e:#}"));
+            failed(&format!("{tag} set-up"), "set-up", &e, &mut out.errors)?;
             return Ok(out);
         }
     };
@@ -431,9 +432,7 @@ fn run_path(
         }
     }
     if let Some(cluster) = cluster {
-        if spec.kind == Kind::Routing {
-            println!("{tag} kafka         n/a: the brokers advertise the gateway's ports, which plain routing does not map");
-        } else {
+        if let Some(bootstrap) = active.kafka_bootstrap() {
             let show = |k: &kafka::KafkaThroughput| {
                 format!(
                     "produce {:.1} MB/s, consume {:.1} MB/s ({} messages), CPU {:.2} s/GB",
@@ -443,7 +442,9 @@ fn run_path(
                     k.cpu_s_per_gb()
                 )
             };
-            out.kafka = step(&tag, "kafka", &mut out, || kafka::measure(bench, cluster, secs), show)?;
+            out.kafka = step(&tag, "kafka", &mut out, || kafka::measure(bench, cluster, bootstrap, secs), show)?;
+        } else {
+            println!("{tag} kafka         n/a: the brokers advertise the gateway's ports, which plain routing does not map");
         }
     }
     if let Err(e) = active.check() {
