@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """The seeds' produce.sh + consume.sh, as one bounded client run.
 
-    /usr/bin/python3 roundtrip.py --bootstrap 10.100.0.1:9092 --topic NAME [--count 10]
+    ~/.cache/kpf/kafka-client/bin/python roundtrip.py --bootstrap 10.100.0.1:9092 --topic NAME [--count 10]
 
 Bootstraps only through --bootstrap (the gateway's bootstrap port); everything after that goes
 to the addresses the brokers advertise, as a cloud client's would. It:
@@ -20,7 +20,7 @@ if the messages consumed are exactly the messages produced. Every step has a bou
 and a watchdog ends the whole run after --deadline, so a wrong mapping makes it exit non-zero
 instead of hanging.
 
-Needs confluent-kafka: run it with Debian's /usr/bin/python3 (python3-confluent-kafka).
+Needs confluent-kafka: `cargo xtask setup` installs it into ~/.cache/kpf/kafka-client.
 """
 
 import argparse

@@ -46,9 +46,11 @@ pub const BOOTSTRAP_PORT: u16 = 9092;
 pub const DOMAIN: &str = "kafka.kpf.test";
 /// The advertised-listener pattern as the cloud console would give it (`kpf kafka plan --pattern`).
 pub const PATTERN: &str = "<broker_id>.kafka.kpf.test:<port>";
-/// The Python that has confluent-kafka (Debian's python3-confluent-kafka); the `python3` on
-/// PATH may be another one.
-pub const PYTHON: &str = "/usr/bin/python3";
+/// The Kafka client the tests and the bench drive, pinned: `cargo xtask setup` installs it from
+/// PyPI into a virtualenv in the cache ([`client_dir`]). Its wheel bundles librdkafka 2.16;
+/// Debian's python3-confluent-kafka has librdkafka 2.0, which lacks `fetch.queue.backoff.ms`
+/// and so idles a consumer for up to a second whenever a fast path fills its prefetch queue.
+pub const CLIENT_VERSION: &str = "2.16.1";
 /// crabka's log filter (`RUST_LOG` for the broker) unless `KPF_CRABKA_LOG` gives one.
 const CRABKA_LOG: &str = "info,crabka_broker::network::dispatch=error";
 /// `KPF_SKIP_KAFKA=1`: skip the Kafka test (loudly) when no broker is available, instead of failing.
@@ -87,17 +89,46 @@ impl Flavor {
     }
 }
 
-/// Where `cargo xtask setup` caches crabka: `$KPF_CRABKA_BIN`, else `$KPF_CACHE_DIR/crabka/bin`,
-/// else `~/.cache/kpf/crabka/bin`.
-pub fn crabka_bin_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("KPF_CRABKA_BIN") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("KPF_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+/// What `cargo xtask setup` builds and installs outside the repository: `$KPF_CACHE_DIR`, else
+/// `~/.cache/kpf`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("KPF_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
         home.join(".cache/kpf")
-    });
-    cache.join("crabka/bin")
+    })
+}
+
+/// Where `cargo xtask setup` caches crabka: `$KPF_CRABKA_BIN`, else `<cache>/crabka/bin`.
+pub fn crabka_bin_dir() -> PathBuf {
+    std::env::var_os("KPF_CRABKA_BIN").map_or_else(|| cache_dir().join("crabka/bin"), PathBuf::from)
+}
+
+/// The virtualenv holding the pinned Kafka client: `<cache>/kafka-client`.
+pub fn client_dir() -> PathBuf {
+    cache_dir().join("kafka-client")
+}
+
+/// The Python that runs the Kafka client scripts (the virtualenv's; the `python3` on PATH may be
+/// another one, without the client).
+pub fn python() -> PathBuf {
+    client_dir().join("bin/python")
+}
+
+/// The confluent-kafka version `python` imports, or why it imports none.
+pub fn client_version(python: &Path) -> Result<String, String> {
+    let out = Command::new(python)
+        .args(["-c", "import confluent_kafka as k; print(k.__version__)"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} cannot import confluent_kafka ({})",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The broker to run: Apache Kafka if `KAFKA_HOME` is set, else crabka from
@@ -142,18 +173,12 @@ fn find_broker() -> Result<Flavor, String> {
 }
 
 fn python_client() -> Result<(), String> {
-    let out = Command::new(PYTHON)
-        .args(["-c", "import confluent_kafka"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{PYTHON}: {e}; run `cargo xtask setup` (installs python3-confluent-kafka)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{PYTHON} cannot import confluent_kafka ({}); run `cargo xtask setup` (installs python3-confluent-kafka)",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let fix = "run `cargo xtask setup` (it installs the client into a virtualenv)";
+    match client_version(&python()) {
+        Ok(v) if v == CLIENT_VERSION => Ok(()),
+        Ok(v) => Err(format!("{} has confluent-kafka {v}, not {CLIENT_VERSION}; {fix}", python().display())),
+        Err(e) => Err(format!("{e}; {fix}")),
     }
-    Ok(())
 }
 
 /// How a command run by [`run_bounded`] ended.
@@ -599,7 +624,7 @@ impl KafkaCluster {
         let external: Vec<String> = self.brokers.iter().map(|b| format!("{}:{EXTERNAL_PORT}", b.addr)).collect();
         let first = self.brokers.first().ok_or_else(|| io::Error::other("no brokers"))?.ns.clone();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &first, PYTHON, "-c", READY_PY])
+        cmd.args(["netns", "exec", &first]).arg(python()).args(["-c", READY_PY])
             .arg(internal.join(","))
             .arg(external.join(","))
             .arg(self.brokers.len().to_string())

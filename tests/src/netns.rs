@@ -1,6 +1,7 @@
 //! Network namespaces as Drop guards.
 
 use std::{
+    ffi::OsStr,
     fs::File,
     io,
     os::fd::AsRawFd,
@@ -58,9 +59,9 @@ impl Netns {
 
     /// A command that will run inside this namespace (`ip netns exec`). Note that `ip netns exec`
     /// remounts /sys, so bpffs under /sys/fs/bpf is not visible to it.
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 

@@ -12,7 +12,7 @@
 //! swapped mappings, naming the wrong ports, and pass again once they are swapped back.
 //!
 //! Run as root, after `cargo build --release -p kpf` and `cargo xtask setup` (which builds the
-//! test broker, crabka, and installs python3-confluent-kafka):
+//! test broker, crabka, and installs the Python client, confluent-kafka):
 //! `cargo test --release -p kpf-tests --test kafka -- --nocapture --test-threads=1`
 //! Without the broker the test fails saying so, unless `KPF_SKIP_KAFKA=1`. With `KAFKA_HOME` set
 //! it runs Apache Kafka instead (KRaft combined mode).
@@ -169,7 +169,7 @@ struct Env<'a> {
 /// roundtrip.py from the client namespace, bootstrapping through the gateway's 9092 only.
 fn roundtrip(env: &Env, cluster: &mut KafkaCluster, topic: &str) -> (Finished, Value) {
     let script = kafka::roundtrip_script();
-    let mut cmd = env.topo.client.command(kafka::PYTHON);
+    let mut cmd = env.topo.client.command(kafka::python());
     cmd.arg(&script)
         .args(["--bootstrap", &format!("{}:{}", env.topo.gateway_addr, kafka::BOOTSTRAP_PORT)])
         .args(["--topic", topic]);

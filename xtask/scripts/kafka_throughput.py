@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Kafka producer and consumer throughput through one benchmark path, with a real client.
 
-    /usr/bin/python3 kafka_throughput.py --bootstrap 10.100.1.1:9093 --topic NAME --seconds 5
+    ~/.cache/kpf/kafka-client/bin/python kafka_throughput.py --bootstrap 10.100.1.1:9093 --topic NAME --seconds 5
 
 Bootstraps through --bootstrap only; every later connection goes where the brokers advertise
 (the gateway's per-broker ports), as a cloud client's would. It:
@@ -21,7 +21,8 @@ Machine-wide busy CPU time (/proc/stat: user + system + irq + softirq + steal) i
 steps 2 and 3. Prints one JSON line on stdout and exits 0, or prints {"error": ...} and exits 1.
 A watchdog ends the run after --deadline seconds.
 
-Needs confluent-kafka: Debian's /usr/bin/python3 (python3-confluent-kafka).
+Needs confluent-kafka 2.3 or later (`cargo xtask setup` installs the pinned one into
+~/.cache/kpf/kafka-client).
 """
 
 import argparse
@@ -151,13 +152,13 @@ def consume(args, partitions, count):
         "group.id": "kpf-bench",
         "enable.auto.commit": False,
         "enable.partition.eof": False,
-        # librdkafka's default prefetch is kept (queued.max.messages.kbytes, 64 MB for the whole
-        # consumer), although it understates the fastest paths: once the queue is full it stops
-        # fetching and, before 2.3 (no fetch.queue.backoff.ms), looks again only up to a second
-        # later, so a path that fills it faster than this script drains it leaves the consumer
-        # idle for the rest of that second. With 512 MB or 2 GB the figures were the paths' own,
-        # but this librdkafka (2.0.2) and crabka then stalled now and then, through nftables and
-        # kpf alike: every fetch answered with a few bytes while the connections stayed healthy.
+        # Once the prefetch queue holds queued.max.messages.kbytes (64 MB for the whole consumer)
+        # librdkafka stops fetching and looks again fetch.queue.backoff.ms later, 1 s by default:
+        # a path that fills the queue faster than this loop drains it would leave the consumer
+        # idle for most of each second and read slower than a slow path. 10 ms keeps the pause
+        # short against the ~100 ms it takes to drain the queue. (A larger queue instead, tried
+        # with librdkafka 2.0, made it and crabka stall now and then.)
+        "fetch.queue.backoff.ms": 10,
     })
     consumer = Consumer(conf)
     got, got_bytes = 0, 0

@@ -9,13 +9,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{self, workspace_root};
 
-/// Where the binaries are cached: `$KPF_CACHE_DIR/crabka/bin`, default `~/.cache/kpf/crabka/bin`.
+/// Where the binaries are cached: `<cache>/crabka/bin` (`$KPF_CACHE_DIR`, else `~/.cache/kpf`).
 pub fn bin_dir() -> PathBuf {
-    let cache = std::env::var_os("KPF_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-        home.join(".cache/kpf")
-    });
-    cache.join("crabka/bin")
+    kpf_tests::kafka::cache_dir().join("crabka/bin")
 }
 
 const BINARIES: [&str; 2] = ["crabka-broker", "crabka"];

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use kpf_tests::{
-    kpf_proc::{Kpf, Mode, kpf_binary},
+    kpf_proc::{Kpf, Mode, SNAT_PORTS, kpf_binary},
     netns::Netns,
     peer::{Backend, stream, who},
     topology::{BACKEND_NAMES, BACKEND_PORT, OneNic, Topology},
@@ -34,7 +34,7 @@ pub struct Options {
 fn config(topo: &OneNic) -> String {
     let mut text = format!(
         "# The demo's kpf config: each frontend port forwards to one broker's EXTERNAL listener.\n\
-         interface = \"{}\"\nsnat_ports = \"40000-59999\"\nmanage_sysctls = true\n",
+         interface = \"{}\"\nsnat_ports = \"{SNAT_PORTS}\"\nmanage_sysctls = true\n",
         topo.gateway_interfaces()[0]
     );
     for (i, b) in topo.backend_addrs().iter().enumerate() {

@@ -25,8 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "hping3",
     "tcpdump",
     "bpftool",
-    // The Kafka end-to-end test's client (the seeds' produce/consume, in Python).
-    "python3-confluent-kafka",
+    // A virtualenv for the Kafka client (kafka_client.rs installs it from PyPI).
+    "python3-venv",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -44,6 +44,7 @@ pub fn run(opts: Options) -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
+    crate::kafka_client::ensure()?;
     if !opts.no_broker {
         crate::broker::ensure()?;
     }

@@ -117,7 +117,7 @@ pub fn measure(
 ) -> Result<KafkaThroughput> {
     let topic = format!("kpf-bench-{}-{}", std::process::id(), TOPICS.fetch_add(1, Ordering::Relaxed));
     let deadline = secs * 6 + 60;
-    let mut cmd = bench.client().command(kafka::PYTHON);
+    let mut cmd = bench.client().command(kafka::python());
     cmd.arg(script()).args([
         "--bootstrap",
         &bootstrap.to_string(),

@@ -93,8 +93,8 @@ pub fn tools() -> BTreeMap<&'static str, String> {
 
 /// The Kafka client library the Kafka scenario's Python client runs on.
 fn librdkafka() -> String {
-    let script = "import confluent_kafka as k; print('%s (confluent-kafka %s)' % (k.libversion()[0], k.version()[0]))";
-    output(Command::new(kpf_tests::kafka::PYTHON).args(["-c", script])).unwrap_or_else(|| "missing".into())
+    let script = "import confluent_kafka as k; print('%s (confluent-kafka %s)' % (k.libversion()[0], k.__version__))";
+    output(Command::new(kpf_tests::kafka::python()).args(["-c", script])).unwrap_or_else(|| "missing".into())
 }
 
 #[cfg(test)]
