@@ -80,11 +80,19 @@ pub(crate) fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
 /// the receivers keep `rx off` and verify every checksum. Not for XDP: native veth XDP loses
 /// CHECKSUM_PARTIAL (see `endpoint`).
 pub fn sender_offloads(topo: &impl Topology) -> io::Result<()> {
-    for ns in std::iter::once(topo.client()).chain(topo.backends()) {
-        ns.ethtool_k("eth0", &["tx", "on", "tso", "on", "gso", "on"])?;
-    }
+    endpoint_tx_offloads(topo, true)?;
     for dev in topo.gateway_interfaces() {
         topo.gateway().ethtool_k(dev, &["tx", "off"])?;
+    }
+    Ok(())
+}
+
+/// Turns the endpoints' (client's and backends') transmit checksum and segmentation offload on or
+/// off. Receive checksumming stays off, so receivers verify every checksum either way.
+pub fn endpoint_tx_offloads(topo: &impl Topology, on: bool) -> io::Result<()> {
+    let features: &[&str] = if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] };
+    for ns in std::iter::once(topo.client()).chain(topo.backends()) {
+        ns.ethtool_k("eth0", features).map_err(|e| io::Error::other(format!("in {}: {e}", ns.name())))?;
     }
     Ok(())
 }

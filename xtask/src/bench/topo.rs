@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use kpf_tests::{
     byte_echo::ByteEcho,
     netns::Netns,
-    topology::{Topology, TwoNic},
+    topology::{self, Topology, TwoNic},
 };
 use serde::Serialize;
 
@@ -169,14 +169,10 @@ impl Bench {
         Ok(child)
     }
 
-    /// Turns the endpoints' transmit checksum and segmentation offload on or off (receive
-    /// checksumming stays off: receivers verify every checksum in software either way).
+    /// Turns the endpoints' transmit checksum and segmentation offload on or off (receivers keep
+    /// verifying every checksum in software either way).
     pub fn set_sender_offloads(&self, on: bool) -> Result<()> {
-        let features: &[&str] = if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] };
-        for ns in std::iter::once(self.net.client()).chain(self.net.backends()) {
-            ns.ethtool_k("eth0", features).with_context(|| format!("ethtool -K eth0 in {}", ns.name()))?;
-        }
-        Ok(())
+        topology::endpoint_tx_offloads(&self.net, on).context("setting the endpoints' offloads")
     }
 
     pub fn echo_served(&self) -> u64 {
