@@ -32,7 +32,9 @@ pub fn ensure() -> Result<()> {
     }
     util::run(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--quiet"])
+            // A wheel or nothing: building from source would need librdkafka's own headers and
+            // fail with a compiler error instead of saying that no wheel fits this machine.
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--only-binary=confluent-kafka"])
             .arg(format!("confluent-kafka=={CLIENT_VERSION}")),
     )?;
     match client_version(&python) {

@@ -35,17 +35,18 @@ const NIGHTLY: &str = "nightly";
 
 #[derive(Args)]
 pub struct Options {
-    /// Skip building the Kafka-compatible broker for the Kafka end-to-end test.
-    #[arg(long)]
-    pub no_broker: bool,
+    /// Skip what only the Kafka test and benchmark need: the Kafka-compatible broker (built from
+    /// source, ~11 minutes) and the Python Kafka client (from PyPI).
+    #[arg(long, alias = "no-broker")]
+    pub no_kafka: bool,
 }
 
 pub fn run(opts: Options) -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
-    crate::kafka_client::ensure()?;
-    if !opts.no_broker {
+    if !opts.no_kafka {
+        crate::kafka_client::ensure()?;
         crate::broker::ensure()?;
     }
     println!("setup: done");

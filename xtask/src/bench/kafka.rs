@@ -74,6 +74,10 @@ pub fn start(bench: &Bench, flavor: &kafka::Flavor) -> Result<KafkaCluster> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KafkaThroughput {
     pub messages: u64,
+    /// Production stopped before the time was up, at 90% of a log segment per partition (the
+    /// script says why).
+    #[serde(default)]
+    pub capped: bool,
     pub produce_bytes: u64,
     /// First send to last acknowledgement.
     pub produce_s: f64,
@@ -166,6 +170,7 @@ mod tests {
     fn rates_come_from_bytes_and_seconds() {
         let t = KafkaThroughput {
             messages: 1000,
+            capped: false,
             produce_bytes: 2_000_000,
             produce_s: 2.0,
             consume_bytes: 2_000_000,

@@ -435,10 +435,11 @@ fn run_path(
         if let Some(bootstrap) = active.kafka_bootstrap() {
             let show = |k: &kafka::KafkaThroughput| {
                 format!(
-                    "produce {:.1} MB/s, consume {:.1} MB/s ({} messages), CPU {:.2} s/GB",
+                    "produce {:.1} MB/s, consume {:.1} MB/s ({} messages{}), CPU {:.2} s/GB",
                     k.produce_mb_s(),
                     k.consume_mb_s(),
                     k.messages,
+                    if k.capped { ", capped at 90% of a log segment per partition" } else { "" },
                     k.cpu_s_per_gb()
                 )
             };
