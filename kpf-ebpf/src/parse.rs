@@ -118,8 +118,9 @@ pub fn icmp_error<C: Frame>(ctx: &C, l4: usize) -> Result<IcmpError, Counter> {
         return Err(Counter::PassMalformed);
     }
     let inner_l4: *mut [u8; 8] = ptr_at(ctx, q3 + ihl).ok_or(Counter::PassMalformed)?;
-    let inner_check = if q3 + ihl + 18 <= end {
-        ptr_at::<[u8; 2], C>(ctx, q3 + ihl + 16).unwrap_or(core::ptr::null_mut())
+    let check_at = q3 + ihl + at::TCP_CHECK as usize;
+    let inner_check = if check_at + 2 <= end {
+        ptr_at::<[u8; 2], C>(ctx, check_at).unwrap_or(core::ptr::null_mut())
     } else {
         core::ptr::null_mut()
     };
@@ -159,8 +160,9 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
         return Err(Counter::PassMalformed);
     }
     let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    let ipb = ip as *const u8;
     // SAFETY: bounds checked (as every access below).
-    let ip_len = u16::from_be(unsafe { load16::<{ at::IP_TOT_LEN }>(ip as *const u8) });
+    let ip_len = u16::from_be(unsafe { load16::<{ at::IP_TOT_LEN }>(ipb) });
     // The whole packet, not just its linear part: a GRO aggregate's payload is in pages.
     let frame_l3 = ctx.len().saturating_sub(l3);
     if ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl || ip_len as usize > frame_l3 {
@@ -173,7 +175,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     // Only the first fragment carries the ports; the rest cannot be matched to a connection
     // without reassembly. TCP sets DF and kpf translates "fragmentation needed" errors, so
     // forwarded connections do not fragment: every fragment goes to the kernel.
-    if u16::from_be(unsafe { load16::<{ at::IP_FRAGS }>(ip as *const u8) }) & IP_FRAG_MASK != 0 {
+    if u16::from_be(unsafe { load16::<{ at::IP_FRAGS }>(ipb) }) & IP_FRAG_MASK != 0 {
         return Err(Counter::PassFragment);
     }
     if proto == IPPROTO_ICMP {
@@ -182,15 +184,15 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
 
     let l4 = l3 + ihl;
     let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Counter::PassMalformed)?;
+    let tcpb = tcp as *const u8;
     // SAFETY: bounds checked.
-    let [off, flags] = unsafe { load16::<{ at::TCP_OFF_FLAGS }>(tcp as *const u8) }.to_ne_bytes();
+    let [off, flags] = unsafe { load16::<{ at::TCP_OFF_FLAGS }>(tcpb) }.to_ne_bytes();
     let doff = (off >> 4) as usize * 4;
     if doff < TcpHdr::LEN || ihl + doff > ip_len as usize {
         return Err(Counter::PassMalformed);
     }
 
     // Both ports as one word, in wire order (the key keeps them so).
-    let (ipb, tcpb) = (ip as *const u8, tcp as *const u8);
     // SAFETY: bounds checked.
     let (src, dst, ports) =
         unsafe { (load32::<{ at::IP_SRC }>(ipb), load32::<{ at::IP_DST }>(ipb), load32::<{ at::TCP_PORTS }>(tcpb)) };

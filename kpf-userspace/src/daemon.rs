@@ -177,14 +177,12 @@ impl Daemon {
         let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
         // An adopted table keeps its routing generation and MTU: flows stay as they are.
         let previous = if adopting { dp.kernel_config().ok().filter(|k| k.snat_port_max != 0) } else { None };
+        // The tick is always this machine's: Dataplane::set_kernel_config fills it in.
         let kernel = KernelConfig {
             timeouts_ns: config.timeouts.to_kernel(),
             snat_port_min: config.snat_ports.min,
             snat_port_max: config.snat_ports.max,
-            // Always this machine's: Dataplane::set_kernel_config fills it in.
-            tick_ns: 0,
-            fib_gen: previous.map_or(0, |k| k.fib_gen),
-            min_mtu: previous.map_or(1500, |k| k.min_mtu),
+            ..previous.unwrap_or_default()
         };
         let mut d = Daemon {
             config: config.clone(),

@@ -19,11 +19,13 @@ pub fn ensure() -> Result<()> {
     let dir = client_dir();
     let python = python();
     match client_version(&python) {
-        Ok(v) if v == CLIENT_VERSION => {
-            println!("setup: kafka client: confluent-kafka {v} present in {}", dir.display());
+        Ok(v) if v.package == CLIENT_VERSION => {
+            println!("setup: kafka client: confluent-kafka {} present in {}", v.package, dir.display());
             return Ok(());
         }
-        Ok(v) => println!("setup: kafka client: confluent-kafka {v} in {}, installing {CLIENT_VERSION}", dir.display()),
+        Ok(v) => {
+            println!("setup: kafka client: confluent-kafka {} in {}, installing {CLIENT_VERSION}", v.package, dir.display())
+        }
         Err(_) => {
             println!("setup: kafka client: missing, creating a virtualenv in {}", dir.display());
             // --clear: a half-made virtualenv from an interrupted setup is started over.
@@ -38,11 +40,11 @@ pub fn ensure() -> Result<()> {
             .arg(format!("confluent-kafka=={CLIENT_VERSION}")),
     )?;
     match client_version(&python) {
-        Ok(v) if v == CLIENT_VERSION => {
-            println!("setup: kafka client: installed confluent-kafka {v}");
+        Ok(v) if v.package == CLIENT_VERSION => {
+            println!("setup: kafka client: installed confluent-kafka {} (librdkafka {})", v.package, v.librdkafka);
             Ok(())
         }
-        Ok(v) => bail!("after installing confluent-kafka {CLIENT_VERSION}, {} imports {v}", python.display()),
+        Ok(v) => bail!("after installing confluent-kafka {CLIENT_VERSION}, {} imports {}", python.display(), v.package),
         Err(e) => bail!("after installing confluent-kafka {CLIENT_VERSION}: {e}"),
     }
 }

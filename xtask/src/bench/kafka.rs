@@ -76,7 +76,6 @@ pub struct KafkaThroughput {
     pub messages: u64,
     /// Production stopped before the time was up, at 90% of a log segment per partition (the
     /// script says why).
-    #[serde(default)]
     pub capped: bool,
     pub produce_bytes: u64,
     /// First send to last acknowledgement.

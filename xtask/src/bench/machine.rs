@@ -93,8 +93,9 @@ pub fn tools() -> BTreeMap<&'static str, String> {
 
 /// The Kafka client library the Kafka scenario's Python client runs on.
 fn librdkafka() -> String {
-    let script = "import confluent_kafka as k; print('%s (confluent-kafka %s)' % (k.libversion()[0], k.__version__))";
-    output(Command::new(kpf_tests::kafka::python()).args(["-c", script])).unwrap_or_else(|| "missing".into())
+    use kpf_tests::kafka::{client_version, python};
+    client_version(&python())
+        .map_or_else(|_| "missing".into(), |v| format!("{} (confluent-kafka {})", v.librdkafka, v.package))
 }
 
 #[cfg(test)]
