@@ -90,7 +90,7 @@ impl Flavor {
 /// What `cargo xtask setup` builds and installs outside the repository: `$KPF_CACHE_DIR`, else
 /// `~/.cache/kpf`.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("KPF_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+    std::env::var_os("KPF_CACHE_DIR").map(from_repo_root).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
         home.join(".cache/kpf")
     })
@@ -98,7 +98,15 @@ pub fn cache_dir() -> PathBuf {
 
 /// Where `cargo xtask setup` caches crabka: `$KPF_CRABKA_BIN`, else `<cache>/crabka/bin`.
 pub fn crabka_bin_dir() -> PathBuf {
-    std::env::var_os("KPF_CRABKA_BIN").map_or_else(|| cache_dir().join("crabka/bin"), PathBuf::from)
+    std::env::var_os("KPF_CRABKA_BIN").map_or_else(|| cache_dir().join("crabka/bin"), from_repo_root)
+}
+
+/// A path from the environment, a relative one taken from the repository root: `cargo xtask` runs
+/// in the directory it was called from and `cargo test` in each package's own, and both must
+/// find the same cache.
+fn from_repo_root(path: std::ffi::OsString) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("kpf-tests lives in the workspace");
+    root.join(path)
 }
 
 /// The virtualenv holding the pinned Kafka client: `<cache>/kafka-client`.
@@ -773,5 +781,15 @@ mod tests {
         assert!(p.contains("node.id=3\n") && p.contains("log.dirs=/d\n"));
         let h = hosts_file(Ipv4Addr::new(10, 100, 0, 1), 1..=3);
         assert!(h.ends_with("10.100.0.1\tb1.kafka.kpf.test b2.kafka.kpf.test b3.kafka.kpf.test\n"), "{h}");
+    }
+
+    #[test]
+    fn cache_paths_from_the_environment() {
+        assert_eq!(from_repo_root("/var/cache/kpf".into()), Path::new("/var/cache/kpf"));
+        let rel = from_repo_root("cache".into());
+        // The same directory whichever package's tests or binary asks.
+        assert!(rel.is_absolute() && rel.ends_with("cache"), "{}", rel.display());
+        assert!(rel.parent().unwrap().join("Cargo.toml").is_file(), "{} is not in the repository root", rel.display());
+        assert!(rel.parent().unwrap().join("xtask").is_dir());
     }
 }
