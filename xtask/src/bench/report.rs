@@ -174,12 +174,12 @@ fn markdown(r: &Results) -> String {
                  by {} over {} iterations, and the half-open table is cleared between runs. The \
                  *diagnostic* rows split the cost up: one LRU hash lookup in a map shaped like kpf's \
                  conntrack table prices a map operation on this machine; a *cold* new flow is one SYN \
-                 per test run ({} distinct SYNs per trial, {} in all, averaged, next to the empty \
-                 program run the same way, since a single run also carries the test-run timer's \
-                 overhead and starts with caches the syscall path has cooled); a SYN whose backend has \
-                 no neighbour entry runs the frontend lookups and the route lookup and is dropped, so \
-                 it repeats; a cold new flow through an address-specific frontend skips the \
-                 locality lookup.",
+                 per test run ({} distinct SYNs per trial through a wildcard frontend, alternating \
+                 with as many through an address-specific one, which skips the locality lookup; {} \
+                 in all, averaged, next to the empty program run the same way, since a single run \
+                 also carries the test-run timer's overhead and starts with caches the syscall path \
+                 has cooled); a SYN whose backend has no neighbour entry runs the frontend lookups \
+                 and the route lookup and is dropped, so it repeats.",
                 p.established_hits,
                 p.established_iterations,
                 if p.established_frame_restored {
