@@ -96,17 +96,21 @@ pub fn cache_dir() -> PathBuf {
     })
 }
 
-/// Where `cargo xtask setup` caches crabka: `$KPF_CRABKA_BIN`, else `<cache>/crabka/bin`.
+/// Where `cargo xtask setup` installs crabka: `<cache>/crabka/bin`.
+pub fn crabka_cache_bin_dir() -> PathBuf {
+    cache_dir().join("crabka/bin")
+}
+
+/// Where the tests and the bench look for crabka: `$KPF_CRABKA_BIN`, else [`crabka_cache_bin_dir`].
 pub fn crabka_bin_dir() -> PathBuf {
-    std::env::var_os("KPF_CRABKA_BIN").map_or_else(|| cache_dir().join("crabka/bin"), from_repo_root)
+    std::env::var_os("KPF_CRABKA_BIN").map_or_else(crabka_cache_bin_dir, from_repo_root)
 }
 
 /// A path from the environment, a relative one taken from the repository root: `cargo xtask` runs
 /// in the directory it was called from and `cargo test` in each package's own, and both must
 /// find the same cache.
 fn from_repo_root(path: std::ffi::OsString) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("kpf-tests lives in the workspace");
-    root.join(path)
+    crate::workspace_root().join(path)
 }
 
 /// The virtualenv holding the pinned Kafka client: `<cache>/kafka-client`.
@@ -637,7 +641,6 @@ impl KafkaCluster {
     }
 
     fn wait_ready(&mut self, limit: Duration, cancelled: impl Fn() -> bool) -> io::Result<()> {
-        const CANCELLED: &str = "cancelled";
         let t0 = Instant::now();
         let internal: Vec<String> = self.brokers.iter().map(|b| format!("{}:{INTERNAL_PORT}", b.addr)).collect();
         let external: Vec<String> = self.brokers.iter().map(|b| format!("{}:{EXTERNAL_PORT}", b.addr)).collect();
@@ -650,11 +653,12 @@ impl KafkaCluster {
             .arg(limit.as_secs_f64().to_string());
         let done = run_bounded(&mut cmd, limit + Duration::from_secs(10), || {
             if cancelled() {
-                return Some(CANCELLED.to_owned());
+                return Some("cancelled".to_owned());
             }
             self.check_running().err().map(|e| e.to_string())
         })?;
-        if done.aborted.as_deref() == Some(CANCELLED) {
+        // Cancelling is final (an interrupt flag stays set): asked again, it says whether it was this.
+        if cancelled() {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled while the Kafka cluster started"));
         }
         if !done.success() {

@@ -64,7 +64,7 @@ pub fn kpf_binary() -> io::Result<PathBuf> {
         }
         return Ok(p);
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = crate::workspace_root();
     for profile in ["release", "debug"] {
         let p = workspace.join("target").join(profile).join("kpf");
         if p.is_file() {
@@ -83,6 +83,8 @@ pub fn kpf_binary() -> io::Result<PathBuf> {
 
 /// The SNAT range [`config_toml`] gives kpf.
 pub const SNAT_PORTS: &str = "40000-59999";
+/// [`SNAT_PORTS`] as numbers.
+pub const SNAT_RANGE: std::ops::RangeInclusive<u16> = 40000..=59999;
 
 /// A config for `kpf run`: `interfaces`, SNAT ports [`SNAT_PORTS`], `manage_sysctls = true`, no
 /// health checks (the test backends log every connection that sends no request, as a probe does),
@@ -538,6 +540,11 @@ pub fn frontend_stats(log: &str) -> BTreeMap<String, FrontendStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snat_range_is_snat_ports() {
+        assert_eq!(format!("{}-{}", SNAT_RANGE.start(), SNAT_RANGE.end()), SNAT_PORTS);
+    }
 
     #[test]
     fn parses_the_shutdown_log() {

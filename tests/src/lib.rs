@@ -19,3 +19,8 @@ pub mod xdp;
 pub mod routed;
 pub mod serial;
 pub mod synflood;
+
+/// The repository root (the workspace this crate is built in).
+pub fn workspace_root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("kpf-tests lives in the workspace")
+}

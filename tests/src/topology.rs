@@ -92,7 +92,7 @@ pub fn sender_offloads(topo: &impl Topology) -> io::Result<()> {
 pub fn endpoint_tx_offloads(topo: &impl Topology, on: bool) -> io::Result<()> {
     let features: &[&str] = if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] };
     for ns in std::iter::once(topo.client()).chain(topo.backends()) {
-        ns.ethtool_k("eth0", features).map_err(|e| io::Error::other(format!("in {}: {e}", ns.name())))?;
+        ns.ethtool_k("eth0", features)?;
     }
     Ok(())
 }

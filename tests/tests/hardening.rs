@@ -1078,7 +1078,7 @@ fn garbage_bytes(seed: u64, i: u64, t: &Templates) -> Garbage {
                 3 => json!({"op": "map_add", "port": pick(&mut rng, &PORTS), "backend": good_backend}),
                 4 => json!({"op": "map_add", "port": p, "backend": pick(&mut rng, &bad_backends)}),
                 5 => json!({"op": "map_add", "port": 0, "backend": good_backend}),
-                6 => json!({"op": "map_add", "port": rng.random_range(40000..=59999), "backend": good_backend}),
+                6 => json!({"op": "map_add", "port": rng.random_range(kpf_tests::kpf_proc::SNAT_RANGE), "backend": good_backend}),
                 7 => {
                     json!({"op": "backend_drain", "backend": format!("10.100.0.{}:39092", rng.random_range(30..=250))})
                 }

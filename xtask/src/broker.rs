@@ -11,7 +11,7 @@ use crate::util::{self, workspace_root};
 
 /// Where the binaries are cached: `<cache>/crabka/bin` (`$KPF_CACHE_DIR`, else `~/.cache/kpf`).
 pub fn bin_dir() -> PathBuf {
-    kpf_tests::kafka::cache_dir().join("crabka/bin")
+    kpf_tests::kafka::crabka_cache_bin_dir()
 }
 
 const BINARIES: [&str; 2] = ["crabka-broker", "crabka"];

@@ -8,9 +8,7 @@ use anyhow::{Context as _, Result, bail};
 
 /// The workspace root (the parent of the xtask crate).
 pub fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
+    kpf_tests::workspace_root()
 }
 
 /// A `cargo` command: the cargo running this xtask if known, else `cargo` from PATH, run from the

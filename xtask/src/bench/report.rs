@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use kpf_tests::kafka;
+use kpf_tests::{kafka, kpf_proc::SNAT_RANGE};
 
 use super::{
     results::{METRICS, Metric, PathResult, Results, Summary},
@@ -203,6 +203,7 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\nIPVS: {}; so there is no IPVS path.", r.machine.ipvs);
 
     let _ = writeln!(s, "\n## Method\n");
+    let (snat_min, snat_max) = (SNAT_RANGE.start(), SNAT_RANGE.end());
     let _ = writeln!(
         s,
         "- Topology: the harness's two-NIC network (`kpf_tests::topology::TwoNic`), built once for the \
@@ -224,7 +225,7 @@ fn markdown(r: &Results) -> String {
          - Connection rate: {} client threads (Rust, in the client namespace), each looping connect / \
          send 1 byte / read 1 byte / close for {} s, against a 1-byte echo server on b3 \
          (`kpf_tests::byte_echo`, 16 worker threads); the rate counts connections completed within the \
-         window. Client and gateway have `tcp_tw_reuse=1` and ports 1024–65535; the gateway reserves 40000–59999 (kpf's SNAT range) for every path.\n\
+         window. Client and gateway have `tcp_tw_reuse=1` and ports 1024–65535; the gateway reserves {snat_min}–{snat_max} (kpf's SNAT range) for every path.\n\
          - CPU: machine-wide busy time from /proc/stat (user + system + irq + softirq + steal; \
          `nice` excluded so niced background jobs do not count) over each bulk and connection-rate \
          measurement, per GB moved (both bulk directions together) and per 1000 connections.",

@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use kpf_tests::{kafka::KafkaCluster, kpf_proc::kpf_binary};
+use kpf_tests::{
+    kafka::KafkaCluster,
+    kpf_proc::{SNAT_RANGE, kpf_binary},
+};
 
 use super::{
     Options, chart, connrate, cpu, kafka, latency, machine,
@@ -241,12 +244,14 @@ pub fn run(opts: Options) -> Result<()> {
         })
         .collect();
     if !exhausted.is_empty() {
+        let (snat_min, snat_max) = (SNAT_RANGE.start(), SNAT_RANGE.end());
+        let per_s = snat_max - snat_min + 1;
         notes.push(format!(
             "kpf ran out of SNAT ports during the connection-rate test ({}). Every connection to the \
-             echo backend needs its own gateway port from 40000–59999 toward the same backend address \
+             echo backend needs its own gateway port from {snat_min}–{snat_max} toward the same backend address \
              and port, and a closed connection keeps its port for a 1 s grace (late FIN \
              retransmissions still find it), so a steady stream of short connections to one backend \
-             can use at most about 20,000 per second; near that rate, a SYN whose 64 probed ports are \
+             can use at most about {per_s} per second; near that rate, a SYN whose 64 probed ports are \
              all in their grace is dropped. Each dropped SYN costs a client thread the 1 s SYN \
              retransmission timeout (the `slow` connections). nftables' masquerade keeps the \
              client's port when it can and has no such per-backend budget; a wider `snat_ports` \
