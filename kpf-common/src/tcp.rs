@@ -283,7 +283,7 @@ mod tests {
         let closing = State::Closing as u8;
         assert!(ended(closing) && ended(State::Reset as u8));
         assert!(!ended(State::FinFromClient as u8) && !ended(State::Established as u8) && !ended(0));
-        assert!(RECLAIM_MIN_QUIET_NS < RECLAIM_GRACE_NS);
+        const { assert!(RECLAIM_MIN_QUIET_NS < RECLAIM_GRACE_NS) };
         assert!(!reclaimable(&t, closing, 0, SEC / 2), "a just-closed connection keeps its port");
         assert!(reclaimable(&t, closing, 0, 2 * SEC));
         assert!(reclaimable(&t, State::Reset as u8, 0, 2 * SEC));

@@ -306,10 +306,10 @@ impl Daemon {
         for (backend, state) in snapshot {
             let now = match state {
                 Ok(s) => {
-                    if !s.resolved() || !s.managed_or_static() {
-                        if let Err(e) = neigh::keep_resolved(&s.route) {
-                            log::warn!("backend {backend}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
-                        }
+                    if (!s.resolved() || !s.managed_or_static())
+                        && let Err(e) = neigh::keep_resolved(&s.route)
+                    {
+                        log::warn!("backend {backend}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
                     }
                     Some((s.route, s.mac))
                 }

@@ -211,16 +211,16 @@ impl Dataplane {
     /// pinned there: the same conntrack table, frontends and counters).
     pub fn load_pinned(max_flows: u32, pins: &PinDir) -> Result<Self> {
         let want = max_flows.saturating_mul(2);
-        if let Ok(info) = MapInfo::from_pin(pins.map(names::FLOWS)) {
-            if info.max_entries() != want {
-                return Err(Error::Environment(format!(
-                    "the pinned flow table in {} holds {} connections but max_flows is {max_flows}; \
-                     restore max_flows = {} or run `kpf down` first (it drops tracked connections)",
-                    pins.root().display(),
-                    info.max_entries() / 2,
-                    info.max_entries() / 2,
-                )));
-            }
+        if let Ok(info) = MapInfo::from_pin(pins.map(names::FLOWS))
+            && info.max_entries() != want
+        {
+            return Err(Error::Environment(format!(
+                "the pinned flow table in {} holds {} connections but max_flows is {max_flows}; \
+                 restore max_flows = {} or run `kpf down` first (it drops tracked connections)",
+                pins.root().display(),
+                info.max_entries() / 2,
+                info.max_entries() / 2,
+            )));
         }
         let paths: Vec<(&'static str, std::path::PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();

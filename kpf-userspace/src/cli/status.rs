@@ -58,8 +58,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\n{:<22} {:<10} {:>10} {:>14} {:>10} {:>6}  {}",
-        "BACKEND", "HEALTH", "PACKETS", "BYTES", "NEW", "LIVE", "LAST CHECK"
+        "\n{:<22} {:<10} {:>10} {:>14} {:>10} {:>6}  LAST CHECK",
+        "BACKEND", "HEALTH", "PACKETS", "BYTES", "NEW", "LIVE"
     );
     for b in &s.backends {
         let health = match (b.healthy, b.draining) {
