@@ -20,6 +20,9 @@
 //!   alternately through a wildcard and an address-specific frontend, next to the empty program
 //!   run the same way (a single run carries the test-run timer's overhead and starts with caches
 //!   the syscall path has cooled).
+//! - *floors* (diagnostic): raw programs making only the map operations and helper calls of the
+//!   established and new-flow paths (see `baseline`), measured the same way: the new-flow floor
+//!   runs by turns with kpf's chained SYNs, its half-open table cleared between runs like kpf's.
 
 use std::net::SocketAddrV4;
 
@@ -99,16 +102,26 @@ impl ProgCost {
     }
 }
 
-fn flows_map(h: &mut Harness<'_>) -> Result<BpfHashMap<MapData, FlowKey, Flow>> {
-    // The Dataplane has no insert for conntrack entries; open its flow table by id instead.
+/// One of the loaded program's maps, by name, opened by id.
+fn program_map(h: &mut Harness<'_>, name: &str) -> Result<MapData> {
     let info = h.dp.program_mut().map_err(|e| anyhow!("{e}"))?.info()?;
     for id in info.map_ids()?.unwrap_or_default() {
         let md = MapData::from_id(id)?;
-        if md.info()?.name_as_str() == Some(names::FLOWS) {
-            return Ok(BpfHashMap::try_from(Map::from_map_data(md)?)?);
+        if md.info()?.name_as_str() == Some(name) {
+            return Ok(md);
         }
     }
-    bail!("kpf's program has no {} map", names::FLOWS)
+    bail!("kpf's program has no {name} map")
+}
+
+fn flows_map(h: &mut Harness<'_>) -> Result<BpfHashMap<MapData, FlowKey, Flow>> {
+    // The Dataplane has no insert for conntrack entries; open its flow table by id instead.
+    Ok(BpfHashMap::try_from(Map::from_map_data(program_map(h, names::FLOWS)?)?)?)
+}
+
+/// The size the fixture gave one of kpf's maps (the floors' maps are made the same).
+fn map_entries(h: &mut Harness<'_>, name: &str) -> Result<u32> {
+    Ok(program_map(h, name)?.info()?.max_entries())
 }
 
 fn counter(h: &Harness<'_>, c: Counter) -> Result<u64> {
@@ -152,7 +165,11 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
     let repeat = (o.repeat.max(2) + 1) & !1;
     let c0 = h.ifaces.c0;
     let empty = RawXdp::pass()?;
-    let lookup = RawXdp::lru_lookup(2048)?;
+    let flows = map_entries(h, names::FLOWS)?;
+    let lookup = RawXdp::lru_lookup(flows)?;
+    let floor_est = RawXdp::floor_established(flows)?;
+    let floor_new =
+        RawXdp::floor_new_flow(flows, map_entries(h, names::HALF_OPEN)?, map_entries(h, names::FRONTENDS)?)?;
 
     // Unmapped: a segment to a gateway port no frontend maps.
     let to_port = |name, cport, port| Conn { frontend: SocketAddrV4::new(GW_C, port), ..Conn::to_a(name, cport) };
@@ -219,7 +236,7 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
     let ctx = xdp_md(established.len(), c0);
     let (mut e_ns, mut u_ns, mut est_ns, mut e1_ns, mut syn_ns) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut nn_ns, mut exact_ns, mut lookup_ns) = (vec![], vec![], vec![]);
-    let mut chain_ns = vec![];
+    let (mut chain_ns, mut floor_est_ns, mut floor_new_ns) = (vec![], vec![], vec![]);
     let (mut hits, mut restored, mut opened, mut chained) = (0u64, true, 0u64, 0u64);
     let mut next_port: u32 = 1024;
     for trial in 0..o.trials {
@@ -230,6 +247,9 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         let r = lookup.test_run(&established, &ctx, repeat)?;
         ensure!(r.retval == 2, "the lookup program returned {}", r.retval);
         lookup_ns.push(r.duration_ns as f64);
+        let r = floor_est.test_run(&established, &ctx, repeat)?;
+        ensure!(r.retval == Action::Redirect as u32, "the established floor returned {}", r.retval);
+        floor_est_ns.push(r.duration_ns as f64);
 
         let before = counter(h, Counter::PassNotOurs)?;
         let (ns, out) = run(h, c0, &unmapped, repeat, Action::Pass)?;
@@ -296,7 +316,9 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
         exact_ns.push(exact / o.syns as f64);
         clear(h)?;
 
-        let mut total = 0.0;
+        // kpf's chained SYNs and the floor's, run by run in turn (a burst of a few hundred µs
+        // each, so the machine's drift hits both alike).
+        let (mut total, mut floor_total) = (0.0, 0.0);
         for r in 0..o.chain_runs {
             let before = counter(h, Counter::NewFlows)?;
             let syn = Conn::to_b("chain", 1024 + (trial * o.chain_runs + r) as u16).c2f(SYN).bytes();
@@ -307,8 +329,14 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
             chained += new;
             total += ns;
             clear(h)?;
+
+            let f = floor_new.test_run(&established, &ctx, chain)?;
+            ensure!(f.retval == Action::Redirect as u32, "the new-flow floor returned {}", f.retval);
+            floor_total += f.duration_ns as f64;
+            floor_new.clear()?;
         }
         chain_ns.push(total / o.chain_runs as f64);
+        floor_new_ns.push(floor_total / o.chain_runs as f64);
     }
     ensure!(
         hits == repeat as u64 * o.trials as u64,
@@ -338,6 +366,14 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
                 lookup_ns,
                 Some("empty"),
             )),
+            diagnostic(case(
+                "floor-established",
+                "floor of an established packet: one conntrack lookup (hit) and a devmap redirect, nothing else",
+                repeat,
+                1,
+                floor_est_ns,
+                Some("empty"),
+            )),
             case("unmapped", "kpf: unmapped packet, passed to the kernel", repeat, 1, u_ns, Some("empty")),
             case("established", "kpf: established flow, rewritten and redirected", repeat, 1, est_ns, Some("empty")),
             case(
@@ -348,6 +384,15 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
                 chain_ns,
                 Some("empty"),
             ),
+            diagnostic(case(
+                "floor-new-flow",
+                "floor of a new flow: the map operations and helper calls kpf's SYN makes (2 half-open inserts, \
+                 4 lookups, a devmap lookup, a random number, a redirect), nothing else",
+                chain,
+                o.chain_runs,
+                floor_new_ns,
+                Some("empty"),
+            )),
             case("empty-once", "empty XDP program, one run per test run", 1, o.syns, e1_ns, None),
             diagnostic(case(
                 "new-flow-cold",

@@ -173,7 +173,12 @@ fn markdown(r: &Results) -> String {
                  (backend choice, next hop, SNAT port, two half-open entries); the NewFlows counter grew \
                  by {} over {} iterations, and the half-open table is cleared between runs. The \
                  *diagnostic* rows split the cost up: one LRU hash lookup in a map shaped like kpf's \
-                 conntrack table prices a map operation on this machine; a *cold* new flow is one SYN \
+                 conntrack table prices a map operation on this machine; the two *floors* are raw programs \
+                 that make exactly the map operations and helper calls of kpf's established and new-flow \
+                 paths, in maps of the sizes and shapes kpf's have, and nothing else (no parsing, rewriting \
+                 or state; the floor's half-open table is cleared between runs like kpf's): kpf's cost above \
+                 a floor is its own code, the floor is the kernel's price for those operations here; a \
+                 *cold* new flow is one SYN \
                  per test run ({} distinct SYNs per trial through a wildcard frontend, alternating \
                  with as many through an address-specific one, which skips the locality lookup; {} \
                  in all, averaged, next to the empty program run the same way, since a single run \

@@ -108,11 +108,15 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
         ] {
             let (Some(c), Some(b)) = (p.case(id), p.case(base)) else { continue };
             let ns = c.summary.median;
-            // The established path makes one conntrack lookup; the diagnostic program that makes
-            // only that lookup is its floor on this machine.
-            let floor = match p.case("one-lookup") {
-                Some(l) if id == "established" => format!("; one conntrack lookup alone: {:.1} ns", l.summary.median),
-                _ => String::new(),
+            // The floor program makes the same map operations and helper calls with no other
+            // work: below it no code of kpf's could go on this machine; above it is kpf's own.
+            let floor = match p.case(&format!("floor-{id}")) {
+                Some(f) => format!(
+                    "; the floor (its map operations and helper calls alone): {:.1} ns, so kpf's own code {:+.1} ns",
+                    f.summary.median,
+                    ns - f.summary.median
+                ),
+                None => String::new(),
             };
             out.push(Target {
                 goal: goal.into(),
