@@ -7,8 +7,9 @@
 //!   map operations;
 //! - two *floors* ([`Floor`]): programs that make exactly the map operations and helper calls
 //!   kpf's established and new-flow paths cannot do without, in maps of kpf's shapes, and nothing
-//!   else (no parsing, no rewriting, no state). What kpf costs beyond a floor is its own code;
-//!   the floor itself is the kernel's price for those operations on this machine.
+//!   else (no parsing, no rewriting, no conntrack logic). What kpf costs beyond a floor is its
+//!   own code (with its map accesses the verifier inlines); the floor itself is the kernel's
+//!   price for those operations on this machine, plus the test run's fixed cost.
 
 use std::{
     io,
@@ -203,10 +204,12 @@ fn conntrack_map(entries: u32) -> io::Result<OwnedFd> {
     map_create(BPF_MAP_TYPE_LRU_HASH, FLOW_KEY, FLOW, entries, BPF_F_NO_COMMON_LRU)
 }
 
-/// kpf's devmap shape (ifindex -> ifindex), holding [`LOOPBACK`].
+/// kpf's devmap shape (ifindex -> struct bpf_devmap_val: ifindex, program fd), holding
+/// [`LOOPBACK`] with no program (fd 0).
 fn devmap() -> io::Result<OwnedFd> {
-    let map = map_create(BPF_MAP_TYPE_DEVMAP_HASH, 4, 4, 64, 0)?;
-    map_update(&map, &LOOPBACK.to_ne_bytes(), &LOOPBACK.to_ne_bytes())
+    let map = map_create(BPF_MAP_TYPE_DEVMAP_HASH, 4, 8, 64, 0)?;
+    let value = (LOOPBACK as u64).to_ne_bytes();
+    map_update(&map, &LOOPBACK.to_ne_bytes(), &value)
         .map_err(|e| io::Error::new(e.kind(), format!("putting the loopback device into a devmap: {e}")))?;
     Ok(map)
 }

@@ -386,8 +386,8 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
             ),
             diagnostic(case(
                 "floor-new-flow",
-                "floor of a new flow: the map operations and helper calls kpf's SYN makes (2 half-open inserts, \
-                 4 lookups, a devmap lookup, a random number, a redirect), nothing else",
+                "floor of a new flow: the map operations and helper calls of kpf's SYN to an address-specific \
+                 frontend (2 half-open inserts, 4 lookups, a devmap lookup, a random number, a redirect), nothing else",
                 chain,
                 o.chain_runs,
                 floor_new_ns,

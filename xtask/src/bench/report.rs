@@ -176,8 +176,9 @@ fn markdown(r: &Results) -> String {
                  conntrack table prices a map operation on this machine; the two *floors* are raw programs \
                  that make exactly the map operations and helper calls of kpf's established and new-flow \
                  paths, in maps of the sizes and shapes kpf's have, and nothing else (no parsing, rewriting \
-                 or state; the floor's half-open table is cleared between runs like kpf's): kpf's cost above \
-                 a floor is its own code, the floor is the kernel's price for those operations here; a \
+                 or conntrack logic; the floor's half-open table is cleared between runs like kpf's): \
+                 kpf's cost above a floor is its own code (with the map accesses the verifier inlines), \
+                 the floor is the kernel's price for those operations here plus the test run's; a \
                  *cold* new flow is one SYN \
                  per test run ({} distinct SYNs per trial through a wildcard frontend, alternating \
                  with as many through an address-specific one, which skips the locality lookup; {} \

@@ -109,10 +109,12 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
             let (Some(c), Some(b)) = (p.case(id), p.case(base)) else { continue };
             let ns = c.summary.median;
             // The floor program makes the same map operations and helper calls with no other
-            // work: below it no code of kpf's could go on this machine; above it is kpf's own.
+            // work: with these operations no code could go below it on this machine; above it is
+            // kpf's own code.
             let floor = match p.case(&format!("floor-{id}")) {
                 Some(f) => format!(
-                    "; the floor (its map operations and helper calls alone): {:.1} ns, so kpf's own code {:+.1} ns",
+                    "; the floor (the same map operations and helper calls with nothing else, test run included): \
+                     {:.1} ns, so kpf's own code {:+.1} ns",
                     f.summary.median,
                     ns - f.summary.median
                 ),
