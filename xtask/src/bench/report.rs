@@ -338,7 +338,7 @@ fn markdown(r: &Results) -> String {
                     c.errors,
                     c.slow,
                     c.conns_total,
-                    c.first_error.as_ref().map_or(String::new(), |e| format!("; first error: {e}"))
+                    failures(&c.failures)
                 ));
             }
         }
@@ -356,4 +356,17 @@ fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+/// The recorded failures of a connection-rate round, for its note.
+fn failures(f: &[super::connrate::Failure]) -> String {
+    let each: Vec<String> = f
+        .iter()
+        .map(|f| {
+            let port = f.client_port.map_or_else(|| "no client port".into(), |p| format!("client port {p}"));
+            let fwd = f.forwarder.as_ref().map_or(String::new(), |w| format!(" ({w})"));
+            format!("{port}, after {} ms: {}{fwd}", f.after_ms, f.error)
+        })
+        .collect();
+    if each.is_empty() { String::new() } else { format!("; {}", each.join("; ")) }
 }

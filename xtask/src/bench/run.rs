@@ -414,7 +414,11 @@ fn run_path(
             &tag,
             "conn rate",
             &mut out,
-            || connrate::measure(bench.client(), echo, Duration::from_secs(secs)),
+            || {
+                let kpf = active.kpf_control();
+                let inspect = |port| kpf.as_ref().map(|k| k.describe_client(echo.port(), port));
+                connrate::measure(bench.client(), echo, Duration::from_secs(secs), &inspect)
+            },
             |c| {
                 format!(
                     "{:.0} conns/s ({} conns, {} failed, {} slow), CPU {:.2} s = {:.3} s/1000 conns",
