@@ -2,7 +2,10 @@
 
 use serde::Serialize;
 
-use super::{progcost::ProgCost, results::PathResult};
+use super::{
+    progcost::ProgCost,
+    results::{PathResult, summarize},
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -111,13 +114,21 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
             // The floor program makes the same map operations and helper calls with no other
             // work: with these operations no code could go below it on this machine; above it is
             // kpf's own code.
+            // kpf and its floor ran in the same trials: each trial's difference is free of the
+            // machine's drift between trials, which the two medians are not.
             let floor = match p.case(&format!("floor-{id}")) {
-                Some(f) => format!(
-                    "; the floor (the same map operations and helper calls with nothing else, test run included): \
-                     {:.1} ns, so kpf's own code {:+.1} ns",
-                    f.summary.median,
-                    ns - f.summary.median
-                ),
+                Some(f) => {
+                    let own: Vec<f64> = c.ns.iter().zip(&f.ns).map(|(k, f)| k - f).collect();
+                    let own = summarize(&own).map_or_else(
+                        || "n/a".into(),
+                        |o| format!("{:+.1} ns [{:+.1} to {:+.1}] (per trial)", o.median, o.min, o.max),
+                    );
+                    format!(
+                        "; the floor (the same map operations and helper calls with nothing else, test run \
+                         included): {:.1} ns, so kpf's own code {own}",
+                        f.summary.median
+                    )
+                }
                 None => String::new(),
             };
             out.push(Target {
