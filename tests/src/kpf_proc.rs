@@ -115,6 +115,36 @@ pub struct Kpf {
     socket: PathBuf,
 }
 
+/// A running kpf's CLI: its binary and control socket (plain paths, so any thread can hold it).
+#[derive(Clone, Debug)]
+pub struct Control {
+    binary: PathBuf,
+    socket: PathBuf,
+}
+
+impl Control {
+    /// Runs `kpf ARGS --socket SOCKET` and returns its stdout. Fails with its exit status, stdout
+    /// and stderr if it does not exit 0.
+    pub fn cli(&self, args: &[&str]) -> io::Result<String> {
+        let out = std::process::Command::new(&self.binary)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "kpf {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
 /// How [`Kpf::launch`] runs kpf on a config file the caller owns.
 #[derive(Clone, Debug)]
 pub struct Launch {
@@ -335,25 +365,14 @@ impl Kpf {
         &self.socket
     }
 
-    /// Runs `kpf ARGS --socket SOCKET` (this instance's control socket) and returns its stdout.
-    /// Fails with its exit status, stdout and stderr if it does not exit 0.
+    /// This instance's binary and control socket, for running its CLI from another thread.
+    pub fn control(&self) -> Control {
+        Control { binary: self.binary.clone(), socket: self.socket.clone() }
+    }
+
+    /// Runs `kpf ARGS --socket SOCKET` (this instance's control socket); see [`Control::cli`].
     pub fn cli(&self, args: &[&str]) -> io::Result<String> {
-        let out = std::process::Command::new(&self.binary)
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "kpf {} failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.control().cli(args)
     }
 
     /// kpf's log so far.

@@ -6,13 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use kpf_tests::workspace_root;
 
-use crate::util::{self, workspace_root};
-
-/// Where the binaries are cached: `<cache>/crabka/bin` (`$KPF_CACHE_DIR`, else `~/.cache/kpf`).
-pub fn bin_dir() -> PathBuf {
-    kpf_tests::kafka::crabka_cache_bin_dir()
-}
+use crate::util;
 
 const BINARIES: [&str; 2] = ["crabka-broker", "crabka"];
 
@@ -22,7 +18,7 @@ fn seed_dir() -> PathBuf {
 
 /// Builds the broker and its CLI into the cache unless they are there already.
 pub fn ensure() -> Result<()> {
-    let bin = bin_dir();
+    let bin = kpf_tests::kafka::crabka_cache_bin_dir();
     if BINARIES.iter().all(|b| bin.join(b).is_file()) {
         println!("setup: kafka broker: present in {}", bin.display());
         return Ok(());

@@ -6,16 +6,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-/// The workspace root (the parent of the xtask crate).
-pub fn workspace_root() -> &'static Path {
-    kpf_tests::workspace_root()
-}
-
 /// A `cargo` command: the cargo running this xtask if known, else `cargo` from PATH, run from the
 /// workspace root.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root());
+    cmd.current_dir(kpf_tests::workspace_root());
     cmd
 }
 

@@ -9,7 +9,7 @@
 //! A started path is an [`Active`] guard: dropping it (or [`Active::finish`]) tears the path down
 //! (nft table deleted, HAProxy or kpf stopped), so two paths never overlap.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use kpf_tests::{
@@ -172,45 +172,30 @@ pub struct Active<'a> {
     guard: Guard<'a>,
 }
 
-/// Asks a running kpf about connections (from any thread: it runs the `kpf` CLI).
-pub struct KpfControl {
-    binary: PathBuf,
-    socket: PathBuf,
-}
-
-impl KpfControl {
-    /// kpf's conntrack entries for the client connection from `client_port` to frontend port
-    /// `frontend_port`, in words, for the report.
-    pub fn describe_client(&self, frontend_port: u16, client_port: u16) -> String {
-        let out = std::process::Command::new(&self.binary)
-            .args(["flows", "--json", "--port", &frontend_port.to_string(), "--socket"])
-            .arg(&self.socket)
-            .stdin(std::process::Stdio::null())
-            .output();
-        let flows: Vec<kpf::daemon::FlowView> = match out {
-            Ok(o) if o.status.success() => match serde_json::from_slice(&o.stdout) {
-                Ok(f) => f,
-                Err(e) => return format!("kpf flows answered what is not a flow list: {e}"),
-            },
-            Ok(o) => return format!("kpf flows failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
-            Err(e) => return format!("cannot run kpf flows: {e}"),
+/// kpf's conntrack entries for the client connection from `client_port` to frontend port
+/// `frontend_port`, in words, for the report.
+pub fn describe_client(kpf: &kpf_proc::Control, frontend_port: u16, client_port: u16) -> String {
+    let flows: Vec<kpf::daemon::FlowView> =
+        match kpf.cli(&["flows", "--json", "--port", &frontend_port.to_string()]).map(|out| serde_json::from_str(&out)) {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => return format!("kpf flows answered what is not a flow list: {e}"),
+            Err(e) => return e.to_string(),
         };
-        let suffix = format!(":{client_port}");
-        let mine: Vec<String> = flows
-            .iter()
-            .filter(|f| f.client.ends_with(&suffix))
-            .map(|f| {
-                format!(
-                    "kpf tracks it: state {}, {} packets, {} bytes, age {:.2} s, idle {:.2} s, via {} to {}",
-                    f.state, f.packets, f.bytes, f.age_s, f.idle_s, f.gateway, f.backend
-                )
-            })
-            .collect();
-        if mine.is_empty() {
-            format!("kpf has no connection from client port {client_port} (of {} to port {frontend_port})", flows.len())
-        } else {
-            mine.join("; ")
-        }
+    let suffix = format!(":{client_port}");
+    let mine: Vec<String> = flows
+        .iter()
+        .filter(|f| f.client.ends_with(&suffix))
+        .map(|f| {
+            format!(
+                "kpf tracks it: state {}, {} packets, {} bytes, age {:.2} s, idle {:.2} s, via {} to {}",
+                f.state, f.packets, f.bytes, f.age_s, f.idle_s, f.gateway, f.backend
+            )
+        })
+        .collect();
+    if mine.is_empty() {
+        format!("kpf has no connection from client port {client_port} (of {} to port {frontend_port})", flows.len())
+    } else {
+        mine.join("; ")
     }
 }
 
@@ -283,9 +268,9 @@ impl Active<'_> {
     }
 
     /// kpf's control socket, on a kpf path.
-    pub fn kpf_control(&self) -> Option<KpfControl> {
+    pub fn kpf_control(&self) -> Option<kpf_proc::Control> {
         match &self.guard {
-            Guard::Kpf(k) => Some(KpfControl { binary: k.binary().to_owned(), socket: k.socket().to_owned() }),
+            Guard::Kpf(k) => Some(k.control()),
             _ => None,
         }
     }

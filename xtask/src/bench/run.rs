@@ -21,7 +21,7 @@ use super::{
     targets, throughput,
     topo::{Bench, IfaceSettings, Service},
 };
-use crate::util::{is_root, workspace_root};
+use crate::util::is_root;
 
 /// The measurements `--metrics` can name.
 const MEASUREMENTS: [&str; 5] = ["prog", "bulk", "latency", "connrate", "kafka"];
@@ -57,7 +57,7 @@ impl Plan {
             chain_runs: if smoke { 2 } else { 8 },
         };
         let out = o.out.clone().unwrap_or_else(|| {
-            let d = workspace_root().join("target").join("bench");
+            let d = kpf_tests::workspace_root().join("target").join("bench");
             if smoke { d.join("smoke") } else { d }
         });
         let metrics = match &o.metrics {
@@ -416,7 +416,7 @@ fn run_path(
             &mut out,
             || {
                 let kpf = active.kpf_control();
-                let inspect = |port| kpf.as_ref().map(|k| k.describe_client(echo.port(), port));
+                let inspect = |port| kpf.as_ref().map(|k| paths::describe_client(k, echo.port(), port));
                 connrate::measure(bench.client(), echo, Duration::from_secs(secs), &inspect)
             },
             |c| {

@@ -113,9 +113,8 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
             let ns = c.summary.median;
             // The floor program makes the same map operations and helper calls with no other
             // work: with these operations no code could go below it on this machine; above it is
-            // kpf's own code.
-            // kpf and its floor ran in the same trials: each trial's difference is free of the
-            // machine's drift between trials, which the two medians are not.
+            // kpf's own code. The two ran in the same trials, so each trial's difference is free
+            // of the machine's drift between trials, which the two medians are not.
             let floor = match p.case(&format!("floor-{id}")) {
                 Some(f) => {
                     let own: Vec<f64> = c.ns.iter().zip(&f.ns).map(|(k, f)| k - f).collect();
