@@ -845,4 +845,35 @@ when_all_unhealthy = "reject"
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
+
+    /// Every config a user may copy: the README's and the guides' TOML blocks and `examples/`.
+    /// (The README's once set `metrics_addr` after `[timeouts]`, making it a timeout.)
+    #[test]
+    fn documented_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut configs = Vec::new();
+        let mut docs = vec![root.join("README.md")];
+        for dir in ["docs", "examples"] {
+            let mut files: Vec<_> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+            files.sort();
+            for f in files {
+                match f.extension().and_then(|e| e.to_str()) {
+                    Some("md") => docs.push(f),
+                    Some("toml") => configs.push((f.display().to_string(), std::fs::read_to_string(&f).unwrap())),
+                    _ => {}
+                }
+            }
+        }
+        for doc in docs {
+            let text = std::fs::read_to_string(&doc).unwrap();
+            for (i, block) in text.split("```toml\n").skip(1).enumerate() {
+                let block = block.split("```").next().unwrap();
+                configs.push((format!("{} (TOML block {})", doc.display(), i + 1), block.to_owned()));
+            }
+        }
+        assert!(configs.len() >= 3, "the README's config and the two examples, found {}", configs.len());
+        let bad: Vec<String> =
+            configs.iter().filter_map(|(name, text)| Config::parse(text, name).err().map(|e| e.to_string())).collect();
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
 }
