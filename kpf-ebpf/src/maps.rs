@@ -1,7 +1,7 @@
 //! The program's maps. Sizes here are defaults; the daemon sets the flow table size at load time.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -32,15 +32,19 @@ pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(kpf_common:
 pub static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW, BPF_F_NO_PREALLOC);
 
 /// Conntrack: one entry per direction of each connection, keyed by the packet as it arrives.
-/// Only connections whose client completed the handshake live here. Per-CPU LRU lists: an insert
-/// takes no lock shared by all CPUs (the table is still one; only eviction order is per CPU).
+/// Only connections whose client completed the handshake live here. One LRU list for all CPUs
+/// (each CPU still keeps a small local free list): with BPF_F_NO_COMMON_LRU the kernel splits
+/// the capacity into equal per-CPU shares and an insert can only evict within its own CPU's, so
+/// a table filled from fewer CPUs than the machine may have (one RX queue, RSS on some CPUs,
+/// veth, CPUs that could be hot-plugged) evicted live connections at a fraction of max_flows.
 #[map(name = "KPF_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
 
 /// Connections still in their handshake. Kept apart so that a flood of SYNs (which never
-/// complete) can only evict each other, never an established connection.
+/// complete) can only evict each other, never an established connection. One LRU list, as
+/// [`FLOWS`].
 #[map(name = "KPF_HALF_OPEN")]
-pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, BPF_F_NO_COMMON_LRU);
+pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, 0);
 
 #[map(name = "KPF_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

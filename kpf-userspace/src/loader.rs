@@ -222,6 +222,18 @@ impl Dataplane {
                 info.max_entries() / 2,
             )));
         }
+        for table in [names::FLOWS, names::HALF_OPEN] {
+            if let Ok(info) = MapInfo::from_pin(pins.map(table))
+                && info.map_flags() & BPF_F_NO_COMMON_LRU != 0
+            {
+                log::warn!(
+                    "the pinned {table} in {} has per-CPU LRU lists (made by an older kpf): each CPU may fill only \
+                     its own share of it, so connections may be evicted before max_flows; it is kept (with every \
+                     connection), and `kpf down` then `kpf run` at a quiet moment recreates it",
+                    pins.root().display()
+                );
+            }
+        }
         let paths: Vec<(&'static str, std::path::PathBuf)> = MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, want);
@@ -585,6 +597,9 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
         _ => false,
     }
 }
+
+/// The LRU map flag older kpf versions created the conntrack tables with.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Entries of the half-open table: room for a quarter of `max_flows` handshakes at once, which a
 /// SYN flood fills (evicting only its own entries) while established connections stay put.

@@ -70,6 +70,8 @@ pub const UNROUTABLE_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const UNATTACHED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 pub const BACKEND_PORT: u16 = 39092;
 
+/// The harness's `max_flows`: its established table holds twice this many entries.
+pub const MAX_FLOWS: u32 = 1024;
 pub const SNAT_MIN: u16 = 40000;
 pub const SNAT_MAX: u16 = 59999;
 
@@ -1511,7 +1513,7 @@ pub fn fixtures() -> Vec<Fixture> {
 }
 
 /// SYN, SYN-ACK, ACK for `c` (client ISN 1000, backend ISN 5000).
-fn handshake(t: &mut Vec<Fixture>, c: Conn) {
+pub fn handshake(t: &mut Vec<Fixture>, c: Conn) {
     let n = c.name;
     t.push(
         Fixture::client_segment(format!("{n}: SYN"), c, true, move |_| c.c2f(SYN))
@@ -1597,7 +1599,7 @@ impl<'a> Harness<'a> {
             b0: kpf::loader::ifindex("b0")?,
             x0: kpf::loader::ifindex("x0")?,
         };
-        let mut dp = Dataplane::load(1024)?;
+        let mut dp = Dataplane::load(MAX_FLOWS)?;
         dp.register_iface(ifaces.c0, 1500)?;
         dp.register_iface(ifaces.b0, 1500)?;
         let config = Config::default();

@@ -28,7 +28,6 @@ const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_DEVMAP_HASH: u32 = 25;
-const BPF_F_NO_COMMON_LRU: u32 = 2;
 const BPF_NOEXIST: i32 = 1;
 const BPF_XDP: u32 = 37;
 /// The loopback device: present in every namespace, so a devmap can always hold it. The floors
@@ -199,9 +198,16 @@ fn zero_stack(at: i16, len: usize) -> Vec<[u8; 8]> {
     p
 }
 
-/// kpf's conntrack table shape: an LRU hash of FlowKey -> Flow with per-CPU LRU lists.
-fn conntrack_map(entries: u32) -> io::Result<OwnedFd> {
-    map_create(BPF_MAP_TYPE_LRU_HASH, FLOW_KEY, FLOW, entries, BPF_F_NO_COMMON_LRU)
+/// The size and creation flags of one of kpf's conntrack tables, as its loaded program has them.
+#[derive(Clone, Copy, Debug)]
+pub struct TableShape {
+    pub entries: u32,
+    pub flags: u32,
+}
+
+/// A map shaped like kpf's conntrack table `t`: an LRU hash of FlowKey -> Flow.
+fn conntrack_map(t: TableShape) -> io::Result<OwnedFd> {
+    map_create(BPF_MAP_TYPE_LRU_HASH, FLOW_KEY, FLOW, t.entries, t.flags)
 }
 
 /// kpf's devmap shape (ifindex -> struct bpf_devmap_val: ifindex, program fd), holding
@@ -220,10 +226,10 @@ impl RawXdp {
         Ok(RawXdp { fd: load(b"kpfb_empty", &[insn(MOV64_IMM, 0, 0, 0, XDP_PASS), insn(EXIT, 0, 0, 0, 0)])?, _maps: vec![], inserts_into: None })
     }
 
-    /// Looks the all-zero key up in a conntrack-shaped map of `entries` entries that holds it,
+    /// Looks the all-zero key up in a map shaped like kpf's conntrack `table` that holds it,
     /// then `return XDP_PASS`.
-    pub fn lru_lookup(entries: u32) -> io::Result<RawXdp> {
-        let map = conntrack_map(entries)?;
+    pub fn lru_lookup(table: TableShape) -> io::Result<RawXdp> {
+        let map = conntrack_map(table)?;
         map_update(&map, &[0; FLOW_KEY], &[0; FLOW])?;
         let mut prog = zero_stack(-(FLOW_KEY as i16), FLOW_KEY);
         prog.extend(lookup(&map, -(FLOW_KEY as i16)));
@@ -233,7 +239,7 @@ impl RawXdp {
 
     /// The floor of kpf's established path: one conntrack lookup (a hit) and a devmap redirect.
     /// Returns XDP_REDIRECT.
-    pub fn floor_established(flows: u32) -> io::Result<RawXdp> {
+    pub fn floor_established(flows: TableShape) -> io::Result<RawXdp> {
         let (map, devmap) = (conntrack_map(flows)?, devmap()?);
         map_update(&map, &[0; FLOW_KEY], &[0; FLOW])?;
         let mut prog = zero_stack(-(FLOW_KEY as i16), FLOW_KEY);
@@ -250,7 +256,7 @@ impl RawXdp {
     /// two inserts, the reply tuple's with BPF_NOEXIST (the port claim); a devmap redirect.
     /// Every run inserts a new random tuple pair; [`RawXdp::clear`] empties the half-open table.
     /// Returns XDP_REDIRECT.
-    pub fn floor_new_flow(flows: u32, half_open: u32, frontends: u32) -> io::Result<RawXdp> {
+    pub fn floor_new_flow(flows: TableShape, half_open: TableShape, frontends: u32) -> io::Result<RawXdp> {
         const FRONTEND_KEY: usize = std::mem::size_of::<FrontendKey>();
         let (established, handshakes, devmap) = (conntrack_map(flows)?, conntrack_map(half_open)?, devmap()?);
         let fe = map_create(BPF_MAP_TYPE_HASH, FRONTEND_KEY, std::mem::size_of::<Frontend>(), frontends, 0)?;

@@ -42,7 +42,7 @@ use fixture_support::{
 };
 
 use super::{
-    baseline::{RawXdp, xdp_md},
+    baseline::{RawXdp, TableShape, xdp_md},
     proc,
     results::{Summary, summarize},
 };
@@ -124,6 +124,11 @@ fn map_entries(h: &mut Harness<'_>, name: &str) -> Result<u32> {
     Ok(program_map(h, name)?.info()?.max_entries())
 }
 
+fn table_shape(h: &mut Harness<'_>, name: &str) -> Result<TableShape> {
+    let info = program_map(h, name)?.info()?;
+    Ok(TableShape { entries: info.max_entries(), flags: info.map_flags() })
+}
+
 fn counter(h: &Harness<'_>, c: Counter) -> Result<u64> {
     h.dp.counter(c).map_err(|e| anyhow!("{e}"))
 }
@@ -165,11 +170,11 @@ fn measure_in(h: &mut Harness<'_>, o: Options) -> Result<ProgCost> {
     let repeat = (o.repeat.max(2) + 1) & !1;
     let c0 = h.ifaces.c0;
     let empty = RawXdp::pass()?;
-    let flows = map_entries(h, names::FLOWS)?;
+    let flows = table_shape(h, names::FLOWS)?;
     let lookup = RawXdp::lru_lookup(flows)?;
     let floor_est = RawXdp::floor_established(flows)?;
     let floor_new =
-        RawXdp::floor_new_flow(flows, map_entries(h, names::HALF_OPEN)?, map_entries(h, names::FRONTENDS)?)?;
+        RawXdp::floor_new_flow(flows, table_shape(h, names::HALF_OPEN)?, map_entries(h, names::FRONTENDS)?)?;
 
     // Unmapped: a segment to a gateway port no frontend maps.
     let to_port = |name, cport, port| Conn { frontend: SocketAddrV4::new(GW_C, port), ..Conn::to_a(name, cport) };
