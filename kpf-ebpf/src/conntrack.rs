@@ -227,6 +227,14 @@ fn established<C: Frame>(
 
     if now != flow.last_seen_ns {
         flow.last_seen_ns = now;
+        if tcp::is_new_connection(pkt.flags) {
+            // A retransmitted SYN: until the backend answers, nothing else keeps the reply entry
+            // alive, and the SYN-ACK to a late retransmission would find it expired.
+            if let Some(peer) = table.get_ptr_mut(&FlowKey::reply_of(&flow.nat)) {
+                // SAFETY: a live map value; a racing writer only stores a timestamp as well.
+                unsafe { (*peer).last_seen_ns = now };
+            }
+        }
     }
     flow.packets += 1;
     flow.bytes += pkt.ip_len as u64;
