@@ -160,10 +160,10 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
 impl Daemon {
     /// Checks the host, loads the program (adopting pinned state), fills its maps and attaches.
     /// [`run`] has checked the rights already.
-    fn start(mut config: Config, opts: Options, health_tx: mpsc::Sender<health::Outcome>) -> Result<Daemon> {
-        if let Some(m) = opts.mode {
-            config.mode = m;
-        }
+    fn start(config: Config, opts: Options, health_tx: mpsc::Sender<health::Outcome>) -> Result<Daemon> {
+        // `--mode` is for this run only: the config (and the file every change rewrites) keeps
+        // the file's mode.
+        let mode = opts.mode.unwrap_or(config.mode);
         for iface in &config.interfaces {
             loader::ifindex(iface)?;
             sysctl::ensure_forwarding(iface, config.manage_sysctls)?;
@@ -210,7 +210,7 @@ impl Daemon {
         d.await_next_hops(NEIGH_STARTUP_WAIT);
 
         for iface in &config.interfaces {
-            match d.dp.attach_pinned(iface, config.mode, &d.pins)? {
+            match d.dp.attach_pinned(iface, mode, &d.pins)? {
                 Attached::Fresh(m) => log::info!("attached to {iface} in {} mode", m.as_str()),
                 Attached::Adopted(m) => {
                     log::info!("adopted the pinned {} link on {iface}: new program swapped in", m.as_str())

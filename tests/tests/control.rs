@@ -26,7 +26,7 @@ use std::{
 use kpf_tests::{
     bpffs::{self, BpfFs},
     cli::{CliOutput, KpfCli},
-    kpf_proc::{Kpf, Launch, SNAT_PORTS, kpf_binary},
+    kpf_proc::{Kpf, Launch, Mode, SNAT_PORTS, kpf_binary},
     netns::{self, Netns},
     peer::{self, Backend, EchoLoop, Session},
     streams::{Pace, StreamReport, Streams},
@@ -149,8 +149,13 @@ impl Setup {
 
     /// Starts `binary` on the config file (which must not be running yet).
     fn start(&mut self, binary: &Path) {
+        self.start_in(binary, None);
+    }
+
+    /// The same with `--mode`, if given.
+    fn start_in(&mut self, binary: &Path, mode: Option<Mode>) {
         assert!(self.kpf.is_none(), "kpf is already running");
-        let launch = Launch::new(binary, &self.config_path, &self.socket);
+        let launch = Launch { mode, ..Launch::new(binary, &self.config_path, &self.socket) };
         let kpf = Kpf::launch(&self.topo.gateway, launch).expect("starting kpf");
         self.pids.extend(kpf.pid());
         self.kpf = Some(kpf);
@@ -780,6 +785,23 @@ fn restart_tc_keeps_flows() {
         assert_eq!(s.who(9094).expect("a new connection after the switch"), "b2");
         step(&mut t, &format!("switched {from} -> {to}"));
     }
+
+    // `kpf run --mode native` on the file's tc is for that run only: a change written back
+    // keeps the file's mode, and the file still describes the live config.
+    let stopped = s.kpf.take().unwrap().terminate();
+    assert!(stopped.status.success(), "{stopped:?}");
+    s.start_in(&binary, Some(Mode::Native));
+    wait_for(SOON, "kpf --mode native to switch", || {
+        s.kpf().log().contains("switched from tc ingress to native XDP without a gap").then_some(())
+    });
+    s.cli.ok(&["map", "add", "9096", &s.backend(0).to_string()]).expect("kpf map add 9096");
+    let text = std::fs::read_to_string(&s.config_path).expect("reading the config");
+    assert!(text.contains("mode = \"tc\""), "the written-back config lost the file's mode:\n{text}");
+    let dry = s.cli.ok(&["apply", "-f", s.config_path.to_str().unwrap(), "--dry-run"]).expect("apply --dry-run");
+    assert_eq!(dry.lines().map(str::trim).collect::<Vec<_>>(), ["plan (not applied):", "no changes"], "the file differs from the live config");
+    s.cli.ok(&["map", "rm", "9096"]).expect("kpf map rm 9096");
+    streams.wait_all_advance(5, SOON).expect("streams after the run with --mode native");
+    step(&mut t, "--mode native for one run; the file keeps mode tc");
 
     let reports = streams.stop();
     let (rounds, _) = assert_streams_clean(&reports, &|a| identity_of_port(a.port()));
