@@ -326,15 +326,25 @@ impl Dataplane {
             return Ok(Attached::Adopted(m));
         }
         let has_xdp = |modes: &[AttachMode]| modes.iter().any(|m| *m != AttachMode::Tc);
+        let mut replaced = None;
         if has_xdp(&existing) && has_xdp(wanted) {
             // One XDP program per interface: the old one must go first, and for that moment
             // packets reach the kernel (new connections are refused, established ones reset).
             log::warn!("{iface}: switching XDP mode to {mode:?}: forwarding stops for a moment");
             for old in existing.drain(..) {
                 unpin_link_mode(pins, ifindex, old)?;
+                replaced = replaced.or((old != AttachMode::Tc).then_some(old));
             }
         }
-        let (m, fd_link) = self.attach_new(iface, mode)?;
+        let (m, fd_link) = match self.attach_new(iface, mode) {
+            Ok(attached) => attached,
+            Err(e) => {
+                if let Some(old) = replaced {
+                    self.reattach_xdp(iface, ifindex, old, pins);
+                }
+                return Err(e);
+            }
+        };
         let path = pins.link(ifindex, m.as_str());
         fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
         // Between XDP and tc there is no gap: both share the maps, and while both are attached
@@ -345,6 +355,21 @@ impl Dataplane {
             unpin_link_mode(pins, ifindex, old)?;
         }
         Ok(Attached::Fresh(m))
+    }
+
+    /// Puts back (and pins) the XDP link in mode `m` that a failed switch to another XDP mode
+    /// removed, so that the interface goes on forwarding as before: the daemon then stops with
+    /// the switch's error, as after any failed start, and the pinned link stays.
+    fn reattach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, pins: &PinDir) {
+        let xdp_mode = if m == AttachMode::Native { XdpMode::Driver } else { XdpMode::Skb };
+        let path = pins.link(ifindex, m.as_str());
+        let restored = self.attach_xdp(iface, ifindex, m, xdp_mode).and_then(|link| {
+            link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))
+        });
+        match restored {
+            Ok(_) => log::warn!("{iface}: the switch failed; attached in {} again, as before", m.describe()),
+            Err(e) => log::error!("{iface}: the switch failed, and attaching in {} again failed too: {e}", m.describe()),
+        }
     }
 
     /// Makes `ifindex` a redirect target and records its MTU.

@@ -819,6 +819,46 @@ fn restart_tc_keeps_flows() {
     s.finish();
 }
 
+/// A restart that switches between generic and native XDP removes the old link first (one XDP
+/// program per interface). When the new mode then fails (here: native XDP on a veth whose peer's
+/// MTU is too large for it), the old link is attached and pinned again: forwarding goes on, open
+/// connections included, and kpf stops with the error.
+#[test]
+fn failed_xdp_mode_switch_keeps_forwarding() {
+    let Some(_serial) = begin("failed_xdp_mode_switch_keeps_forwarding") else { return };
+    let mut t = Instant::now();
+    let mut s = Setup::in_mode(&initial(), "generic");
+    let binary = s.kpf().binary().to_owned();
+    s.xdp_prog_id().expect("kpf attached a generic XDP program");
+    let mut open = s.echo_loop(9094).unwrap();
+    open.round(b"before").expect("a round before the switch");
+    let stopped = s.kpf.take().unwrap().terminate();
+    assert!(stopped.status.success(), "{stopped:?}");
+    step(&mut t, "generic XDP, one connection open, kpf stopped");
+
+    s.topo.switch.ip(&["link", "set", "p-gw", "mtu", "3600"]).expect("raising the gateway peer's MTU");
+    let launch = Launch { mode: Some(Mode::Native), ..Launch::new(&binary, &s.config_path, &s.socket) };
+    let failed = Kpf::launch(&s.topo.gateway, launch);
+    s.topo.switch.ip(&["link", "set", "p-gw", "mtu", "1500"]).expect("restoring the gateway peer's MTU");
+    let err = failed.err().expect("native XDP must be refused with the peer's MTU at 3600").to_string();
+    assert!(err.contains("attached in generic XDP again, as before"), "{err}");
+    s.xdp_prog_id().expect("an XDP program is attached after the failed switch");
+    assert_eq!(s.who(9093).expect("a new connection after the failed switch"), "b1");
+    open.round(b"after").expect("the open connection survives the failed switch");
+    assert_eq!(open.identity(), "b2");
+    step(&mut t, "the switch to native failed; generic XDP forwards again");
+
+    // The pinned state is whole: a start in the file's mode adopts it.
+    s.start(&binary);
+    wait_for(SOON, "kpf to adopt the re-pinned generic link", || {
+        s.kpf().log().contains("adopted the pinned generic link on eth0").then_some(())
+    });
+    open.round(b"adopted").expect("the open connection after the restart");
+    open.finish().unwrap();
+    assert_clean_counters(&s.status());
+    s.finish();
+}
+
 /// A frontend added after a restart must not share its internal id with connections of a
 /// frontend removed before the restart that are still draining: they would be counted as its
 /// traffic and ended by its `rm --reset`.
