@@ -224,6 +224,9 @@ impl Daemon {
                 loader::unpin_link(&d.pins, ifindex)?;
             }
         }
+        for ifindex in d.dp.retain_ifaces(&configured)? {
+            log::info!("interface #{ifindex} is no longer a redirect target");
+        }
         d.kernel.min_mtu = d.dp.min_mtu()?;
         d.dp.set_kernel_config(&d.kernel)?;
         if adopting {

@@ -380,6 +380,28 @@ impl Dataplane {
         ifaces.insert(ifindex, IfaceInfo { mtu }, 0).map_err(Error::map(names::IFACES))
     }
 
+    /// Removes every interface but `keep` from the redirect targets and MTUs: ones a previous
+    /// daemon attached to and this one does not (it left their links). Returns their ifindexes.
+    pub fn retain_ifaces(&mut self, keep: &std::collections::HashSet<u32>) -> Result<Vec<u32>> {
+        let ifaces: HashMap<&MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
+        let devmap: DevMapHash<&MapData> = self.map(names::DEVMAP)?;
+        let gone: Vec<u32> = ifaces
+            .keys()
+            .chain(devmap.keys())
+            .filter_map(|k| k.ok())
+            .filter(|i| !keep.contains(i))
+            .collect::<std::collections::BTreeSet<u32>>()
+            .into_iter()
+            .collect();
+        for &ifindex in &gone {
+            let mut devmap: DevMapHash<&mut MapData> = self.map_mut(names::DEVMAP)?;
+            let _ = devmap.remove(ifindex);
+            let mut ifaces: HashMap<&mut MapData, u32, IfaceInfo> = self.map_mut(names::IFACES)?;
+            let _ = ifaces.remove(&ifindex);
+        }
+        Ok(gone)
+    }
+
     pub fn min_mtu(&self) -> Result<u32> {
         let ifaces: HashMap<&MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         let mut min = u32::MAX;

@@ -3,7 +3,8 @@
 
 mod fixture_support;
 
-use fixture_support::{ACK, Attach, Check, Conn, Fixture, MAX_FLOWS, PSH, Topology, fixtures, handshake};
+use fixture_support::{ACK, Action, Attach, Check, Conn, Fixture, MAX_FLOWS, PSH, SYN, Topology, fixtures, handshake};
+use kpf_common::Counter;
 use kpf_common::tcp::State;
 use kpf_tests::serial::is_root;
 
@@ -90,4 +91,31 @@ fn flow_table_is_not_split_between_cpus() {
         .expect("running the fixtures in the gateway namespace");
     let shown: Vec<&String> = failures.iter().take(5).collect();
     assert!(failures.is_empty(), "{} of {} fixtures failed, the first: {shown:#?}", failures.len(), table.len());
+}
+
+/// An interface a previous daemon attached to and this one does not (`Dataplane::retain_ifaces`,
+/// at start) stops being a redirect target: a SYN whose backend is routed out of it is dropped
+/// and counted, not sent where no kpf sees the replies.
+#[test]
+fn dropped_interfaces_are_no_redirect_target() {
+    if !is_root() {
+        eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
+        return;
+    }
+    let topo = Topology::new().expect("building the fixture topology");
+    topo.run(|h| {
+        // *:9098 maps to a backend routed out of x0.
+        let syn = |cport| Conn::to_a("X", cport).c2f(SYN).with(|p| p.dst.set_port(9098)).bytes();
+        let (c0, b0, x0) = (h.ifaces.c0, h.ifaces.b0, h.ifaces.x0);
+        h.dp.register_iface(x0, 1500).expect("registering x0");
+        let out = h.run_packet(c0, 0, &syn(50071), 1).expect("running the SYN");
+        assert_eq!(out.action, Action::Redirect as u32, "a SYN out of a registered x0 is forwarded");
+        let gone = h.dp.retain_ifaces(&[c0, b0].into()).expect("retain_ifaces");
+        assert_eq!(gone, vec![x0]);
+        let out = h.run_packet(c0, 0, &syn(50072), 1).expect("running the SYN");
+        assert_eq!(out.action, Action::Drop as u32, "a SYN out of x0, no longer registered");
+        assert_eq!(h.dp.counter(Counter::DropEgressNotAttached).expect("reading the counter"), 1);
+        assert_eq!(h.dp.retain_ifaces(&[c0, b0].into()).expect("retain_ifaces"), Vec::<u32>::new());
+    })
+    .expect("running in the gateway namespace");
 }
