@@ -3,23 +3,42 @@
 
 use std::collections::HashMap;
 
-use kpf_common::{FlowKey, tcp};
+use kpf_common::{Flow, FlowKey, tcp};
 
 use crate::{error::Result, loader::Dataplane};
 
 /// Removes expired connections; returns how many conntrack entries went. A connection goes only
 /// when both its entries have expired, so one quiet direction never cuts a live connection.
 pub fn collect(dp: &mut Dataplane, timeouts_ns: &[u64; tcp::STATE_COUNT], now_ns: u64) -> Result<usize> {
-    let flows: HashMap<FlowKey, _> = dp.flows()?.into_iter().collect();
-    let expired = |f: &kpf_common::Flow| tcp::expired(timeouts_ns, f.state, f.last_seen_ns, now_ns);
+    let snapshot = snapshot(dp)?;
+    sweep(dp, &snapshot, timeouts_ns, now_ns)
+}
+
+/// Both tables as they are now.
+pub fn snapshot(dp: &Dataplane) -> Result<HashMap<FlowKey, Flow>> {
+    Ok(dp.flows()?.into_iter().collect())
+}
+
+/// Removes the connections that had expired in `flows` and still have: every entry is read
+/// again just before it goes, as the dataplane may have reused its key for a new connection
+/// since (a walk of a large table takes a while).
+pub fn sweep(
+    dp: &mut Dataplane,
+    flows: &HashMap<FlowKey, Flow>,
+    timeouts_ns: &[u64; tcp::STATE_COUNT],
+    now_ns: u64,
+) -> Result<usize> {
+    let expired = |f: &Flow| tcp::expired(timeouts_ns, f.state, f.last_seen_ns, now_ns);
     let mut removed = 0;
-    for (key, flow) in &flows {
+    for (key, flow) in flows {
         if !expired(flow) {
             continue;
         }
-        let peer_live = flows.get(&FlowKey::reply_of(&flow.nat)).is_some_and(|p| !expired(p));
-        if !peer_live {
-            dp.remove_flow(key)?;
+        let peer = FlowKey::reply_of(&flow.nat);
+        if flows.get(&peer).is_some_and(|p| !expired(p)) || dp.flow(&peer)?.is_some_and(|p| !expired(&p)) {
+            continue;
+        }
+        if dp.remove_flow_if(key, expired)? {
             removed += 1;
         }
     }

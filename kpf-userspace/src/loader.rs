@@ -619,6 +619,31 @@ impl Dataplane {
     }
 
     /// Removes a conntrack entry from whichever table holds it.
+    /// Removes the entry under `key` from whichever table holds it if, read again now, it still
+    /// satisfies `stale`: between a walk of the tables and a removal the dataplane may have
+    /// refreshed it, or put a new connection's entry under the same key (a reopened 4-tuple, a
+    /// SNAT port taken over). Returns whether an entry went.
+    pub fn remove_flow_if(&mut self, key: &FlowKey, stale: impl Fn(&Flow) -> bool) -> Result<bool> {
+        let mut removed = false;
+        for table in [names::FLOWS, names::HALF_OPEN] {
+            let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(table)?;
+            let now = match m.get(key, 0) {
+                Ok(f) => f,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(Error::map(table)(e)),
+            };
+            if !stale(&now) {
+                continue;
+            }
+            match m.remove(key) {
+                Ok(()) => removed = true,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(table)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         for table in [names::FLOWS, names::HALF_OPEN] {
             let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(table)?;

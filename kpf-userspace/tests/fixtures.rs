@@ -4,7 +4,8 @@
 mod fixture_support;
 
 use fixture_support::{ACK, Action, Attach, Check, Conn, Fixture, MAX_FLOWS, PSH, SYN, Topology, fixtures, handshake};
-use kpf_common::Counter;
+use kpf::gc;
+use kpf_common::{Counter, FlowKey};
 use kpf_common::tcp::State;
 use kpf_tests::serial::is_root;
 
@@ -116,6 +117,50 @@ fn dropped_interfaces_are_no_redirect_target() {
         assert_eq!(out.action, Action::Drop as u32, "a SYN out of x0, no longer registered");
         assert_eq!(h.dp.counter(Counter::DropEgressNotAttached).expect("reading the counter"), 1);
         assert_eq!(h.dp.retain_ifaces(&[c0, b0].into()).expect("retain_ifaces"), Vec::<u32>::new());
+    })
+    .expect("running in the gateway namespace");
+}
+
+/// The GC walks the tables, then removes what had expired; a key the dataplane gives to a new
+/// connection in between (here: a SYN reopening an expired 4-tuple) must keep its new entry.
+#[test]
+fn gc_spares_a_key_reused_after_its_walk() {
+    if !is_root() {
+        eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
+        return;
+    }
+    let topo = Topology::new().expect("building the fixture topology");
+    topo.run(|h| {
+        let c = Conn::to_a("G", 50200);
+        let c0 = h.ifaces.c0;
+        let mut timeouts = h.config.timeouts_ns;
+        timeouts[State::SynSent as usize] = 0;
+        h.config.timeouts_ns = timeouts;
+        h.dp.set_kernel_config(&h.config).expect("setting the timeouts");
+        let out = h.run_packet(c0, 0, &c.c2f(SYN).bytes(), 1).expect("the first SYN");
+        assert_eq!(out.action, Action::Redirect as u32);
+        // Past a tick of the dataplane's clock, so the connection has expired.
+        let first = h.dp.flow(&c.client_key()).unwrap().expect("the first SYN's entry");
+        let now = loop {
+            let now = h.dp.now_ns().expect("reading the dataplane's clock");
+            if now > first.last_seen_ns {
+                break now;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let walked = gc::snapshot(&h.dp).expect("walking the tables");
+        assert!(walked.contains_key(&c.client_key()));
+
+        let out = h.run_packet(c0, 0, &c.c2f(SYN).with(|p| p.seq = 9_000_000).bytes(), 1).expect("the second SYN");
+        assert_eq!(out.action, Action::Redirect as u32, "a SYN on the expired 4-tuple opens it again");
+        let reopened = h.dp.flow(&c.client_key()).unwrap().expect("the reopened connection's entry");
+        assert!(reopened.created_ns >= now, "the entry under the key is the new connection's");
+
+        let removed = gc::sweep(&mut h.dp, &walked, &timeouts, now).expect("the sweep");
+        assert_eq!(removed, 0, "nothing the walk saw expired is still there");
+        let kept = h.dp.flow(&c.client_key()).unwrap();
+        assert_eq!(kept.map(|f| f.next_seq), Some(9_000_001), "the reopened connection lost its entry to the GC");
+        assert!(h.dp.flow(&FlowKey::reply_of(&reopened.nat)).unwrap().is_some(), "its reply entry is gone");
     })
     .expect("running in the gateway namespace");
 }
