@@ -133,28 +133,47 @@ fn check_backends_remote(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `path` so that a reader sees the old file or the new one, never a mix.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.kpf-{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("config"), std::process::id()));
-    let what = |w: &str| format!("{w} {}", tmp.display());
-    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(Error::io(what("creating")))?;
+/// A file written beside the one it will replace, not yet in its place: [`StagedFile::commit`]
+/// renames it over the old one, so a reader sees the old file or the new one, never a mix;
+/// dropped uncommitted, it is removed.
+pub struct StagedFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl StagedFile {
+    /// Writes `text` (synced, with `path`'s permissions) next to `path`.
+    pub fn write(path: &Path, text: &str) -> Result<StagedFile> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("config");
+        let tmp = dir.join(format!(".{name}.kpf-{}.tmp", std::process::id()));
+        let staged = StagedFile { tmp, path: path.to_owned(), dir: dir.to_owned() };
+        let what = |w: &str| format!("{w} {}", staged.tmp.display());
+        let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
+        let mut f = std::fs::File::create(&staged.tmp).map_err(Error::io(what("creating")))?;
         f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(Error::io(what("chmod")))?;
         f.write_all(text.as_bytes()).map_err(Error::io(what("writing")))?;
         f.sync_all().map_err(Error::io(what("syncing")))?;
-        std::fs::rename(&tmp, path).map_err(Error::io(format!("replacing {}", path.display())))?;
-        if let Ok(d) = std::fs::File::open(dir) {
+        Ok(staged)
+    }
+
+    /// Puts the file in place.
+    pub fn commit(self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.path).map_err(Error::io(format!("replacing {}", self.path.display())))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        // After a commit the name is gone; otherwise this removes the unused file.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
 }
 
 impl Daemon {
@@ -245,24 +264,33 @@ impl Daemon {
         if desired.snat_ports != self.config.snat_ports {
             sysctl::ensure_snat_ports(desired.snat_ports, desired.manage_sysctls)?;
         }
+        // The new file is written before any map changes (and put in place after): writing is
+        // what fails in practice (a full or read-only filesystem), and a change refused before
+        // it touches the maps leaves every id, counter, drain and health state as it was.
+        let staged = match &self.config_path {
+            Some(path) => Some(StagedFile::write(path, &desired.to_toml())?),
+            None => None,
+        };
         let old = self.config.clone();
         let old_kernel = self.kernel;
+        let health_changed = desired.health != self.config.health;
         let result = (|| {
             self.kernel.timeouts_ns = desired.timeouts.to_kernel();
             self.kernel.snat_port_min = desired.snat_ports.min;
             self.kernel.snat_port_max = desired.snat_ports.max;
             self.dp.set_kernel_config(&self.kernel)?;
-            if desired.health != self.config.health {
+            if health_changed {
                 self.restart_checkers();
             }
             self.converge(&desired, reset)?;
-            if let Some(path) = &self.config_path {
-                write_atomic(path, &desired.to_toml())?;
-            }
-            Ok(())
+            staged.map_or(Ok(()), StagedFile::commit)
         })();
         if let Err(e) = result {
             self.kernel = old_kernel;
+            if health_changed {
+                // Checkers started with the refused settings go; converging respawns them.
+                self.restart_checkers();
+            }
             let restored = self.dp.set_kernel_config(&self.kernel).and_then(|()| self.converge(&old, &HashSet::new()));
             if let Err(r) = restored {
                 log::error!("could not restore the previous mappings after a failed change: {r}");

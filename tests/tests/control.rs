@@ -1139,6 +1139,15 @@ fn bad_input_changes_nothing() {
         &["missing.toml"],
     );
 
+    // The config file cannot be written (here: a directory where kpf writes the new file; in
+    // practice a full or read-only filesystem): the change is refused before any map changes,
+    // so the frontend keeps its id, counters and connections.
+    let pid = s.kpf().pid().expect("kpf's pid");
+    let blocked = dir.join(format!(".kpf.toml.kpf-{pid}.tmp"));
+    std::fs::create_dir(&blocked).unwrap();
+    check("rm while the config cannot be written", s.cli.run(&["map", "rm", "9095"]).unwrap(), &["creating", ".tmp"]);
+    std::fs::remove_dir(&blocked).unwrap();
+
     // Nobody listening: a path with no socket, and a stale socket file.
     let nowhere = dir.join("nobody.sock");
     check(

@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::{anyhow, bail};
 use kpf::{
     config::Config,
-    daemon::write_atomic,
+    daemon::StagedFile,
     kafka::{
         plan::{self, Broker, Pattern, Range},
         verify,
@@ -96,7 +96,7 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
     print!("{}", out.console_values());
     if let Some(path) = a.write_config {
         let text = merged_config(&path, &a.interface, &out.frontends_toml())?;
-        write_atomic(&path, &text)?;
+        StagedFile::write(&path, &text)?.commit()?;
         println!("\nwrote {}", path.display());
     }
     Ok(())
