@@ -32,6 +32,16 @@ pub struct BackendEntry {
     pub checker: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A backend that left the config while draining (see `Daemon::removed_drains`).
+#[derive(Debug)]
+pub struct RemovedDrain {
+    pub addr: SocketAddrV4,
+    /// Its id then: another backend may get it later, so its connections are matched by
+    /// address too.
+    pub id: u32,
+    pub deadline: Instant,
+}
+
 impl Drop for BackendEntry {
     fn drop(&mut self) {
         if let Some(c) = self.checker.take() {
@@ -151,6 +161,9 @@ impl Daemon {
         for addr in gone {
             if let Some(e) = self.backends.remove(&addr) {
                 self.dp.set_backend(e.id, Backend::default())?;
+                if let (Some(deadline), false) = (e.drain_deadline, e.drain_done) {
+                    self.removed_drains.push(RemovedDrain { addr, id: e.id, deadline });
+                }
             }
         }
         let mut used: HashSet<u32> = self.backends.values().map(|e| e.id).collect();
@@ -305,6 +318,16 @@ impl Daemon {
             }
             if let Some(e) = self.backends.get_mut(&addr) {
                 e.drain_done = true;
+            }
+        }
+        let (due, pending): (Vec<RemovedDrain>, Vec<RemovedDrain>) =
+            std::mem::take(&mut self.removed_drains).into_iter().partition(|d| d.deadline <= now);
+        self.removed_drains = pending;
+        for d in due {
+            let (addr, port) = (kpf_common::wire::addr(*d.addr.ip()), kpf_common::wire::port(d.addr.port()));
+            match self.reset_where(|f| f.backend_id == d.id && f.nat.dst_addr == addr && f.nat.dst_port == port) {
+                Ok(n) => log::info!("drain of {} (no longer configured) timed out: reset {n} remaining connection(s)", d.addr),
+                Err(e) => log::error!("drain of {}: resetting its connections failed: {e}", d.addr),
             }
         }
     }

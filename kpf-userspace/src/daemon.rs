@@ -70,6 +70,9 @@ pub struct Daemon {
     next_hops: BTreeMap<Ipv4Addr, Option<(neigh::Route, Option<String>)>>,
     /// Every backend some frontend names, by address.
     pub(crate) backends: BTreeMap<SocketAddrV4, BackendEntry>,
+    /// Backends removed from the config while draining: their connections still get reset at
+    /// the drain's deadline.
+    pub(crate) removed_drains: Vec<crate::converge::RemovedDrain>,
     /// The table pair of each frontend with several backends.
     pub(crate) pools: HashMap<FrontendKey, u32>,
     /// What this daemon last wrote into each Maglev table.
@@ -211,6 +214,7 @@ impl Daemon {
             kernel,
             next_hops: BTreeMap::new(),
             backends: BTreeMap::new(),
+            removed_drains: Vec::new(),
             pools: HashMap::new(),
             tables: HashMap::new(),
             next_frontend_id: 0,

@@ -930,6 +930,38 @@ fn expect_backend_reset(b: &Backend) {
     );
 }
 
+/// A backend replaced while it drains (`backend drain --timeout`, then `map set` to another
+/// backend: the usual broker replacement) still has its remaining connections reset at the
+/// deadline, though no frontend names it any more.
+#[test]
+fn drain_deadline_outlives_the_backends_removal() {
+    let Some(_serial) = begin("drain_deadline_outlives_the_backends_removal") else { return };
+    let s = Setup::new(&initial());
+    let mut open = s.echo_loop(9095).expect("connecting to 9095");
+    assert_eq!(open.identity(), "b3");
+    let b3 = s.backend(2).to_string();
+    let drained_at = Instant::now();
+    s.cli.ok(&["backend", "drain", &b3, "--timeout", "2s"]).expect("kpf backend drain");
+    s.cli.ok(&["map", "set", "9095", &s.backend(0).to_string()]).expect("kpf map set 9095 b1");
+    assert_eq!(s.who(9095).expect("a new connection to 9095"), "b1");
+    open.round(b"replaced, still draining").expect("the drained connection before its deadline");
+    let line = wait_for(Duration::from_secs(6), "kpf to log the drain's deadline", || {
+        s.kpf().log().lines().find(|l| l.contains(&format!("drain of {b3} (no longer configured) timed out"))).map(str::to_owned)
+    });
+    assert!(drained_at.elapsed() >= Duration::from_secs(2), "reset before the deadline: {line}");
+    assert!(line.contains("reset 1 remaining"), "{line}");
+    open.set_timeout(Duration::from_secs(3)).unwrap();
+    let err = open.round(b"after the deadline").expect_err("the drained connection is reset at its deadline");
+    assert!(
+        matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof),
+        "expected a reset, got {err} ({:?})",
+        err.kind()
+    );
+    expect_backend_reset(&s.backends[2]);
+    assert_eq!(s.who(9095).expect("9095 after the reset"), "b1");
+    s.finish();
+}
+
 /// `rm` drains: the existing connection keeps working, new ones are refused. `rm --reset` ends
 /// the existing connections at once.
 #[test]
