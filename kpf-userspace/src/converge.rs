@@ -150,12 +150,13 @@ impl Daemon {
                 self.dp.allow_remove(id, *net, *bits)?;
             }
         }
-        Ok(())
+        self.retire_backends(desired)
     }
 
-    /// Gives every desired backend an id and a kernel slot, clears the slots of backends no
-    /// frontend names any more, and keeps one health checker per backend.
-    fn converge_backends(&mut self, desired: &[FrontendConfig], health: Health) -> Result<()> {
+    /// Clears the kernel slots of backends no frontend names any more. After the frontends are
+    /// converged: until then one may still point at such a slot, and a SYN finding it empty
+    /// would be dropped.
+    fn retire_backends(&mut self, desired: &[FrontendConfig]) -> Result<()> {
         let wanted: HashSet<SocketAddrV4> = desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect();
         let gone: Vec<SocketAddrV4> = self.backends.keys().filter(|a| !wanted.contains(a)).copied().collect();
         for addr in gone {
@@ -166,6 +167,13 @@ impl Daemon {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Gives every desired backend an id and a kernel slot, and keeps one health checker per
+    /// backend.
+    fn converge_backends(&mut self, desired: &[FrontendConfig], health: Health) -> Result<()> {
+        let wanted: HashSet<SocketAddrV4> = desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect();
         let mut used: HashSet<u32> = self.backends.values().map(|e| e.id).collect();
         let mut sorted: Vec<SocketAddrV4> = wanted.into_iter().collect();
         sorted.sort();
