@@ -99,15 +99,21 @@ fn frontend(key: &FlowKey) -> Option<Frontend> {
 /// A route or neighbour changed since `flow` looked up its next hop: look again. A separate BPF
 /// function, rarely called: its FIB parameter block stays off the forwarding path's stack.
 #[inline(never)]
-fn refresh_next_hop<C: Frame>(ctx: &C, flow: &mut Flow, fib_gen: u32) {
+fn refresh_next_hop<C: Frame>(ctx: &C, flow: &mut Flow, fib_gen: u32, vlan: bool) {
     let ingress = ctx.ingress_ifindex();
     match forward::route(ctx, flow.backend_id, flow.nat.dst_addr, ingress, fib_gen) {
-        Ok(r) if r.src_addr == flow.nat.src_addr && ctx.can_send(r.next_hop.ifindex) => {
+        Ok(r)
+            if r.src_addr == flow.nat.src_addr
+                && ctx.can_send(r.next_hop.ifindex)
+                && (!vlan || r.next_hop.ifindex == ingress) =>
+        {
             flow.next_hop = r.next_hop
         }
         // The source address toward the backend would change (this connection cannot follow the
-        // new route), or the route or neighbour is gone for now: keep the old next hop rather
-        // than drop an established connection; the next routing change retries.
+        // new route), the route now leaves by another interface than a tagged frame came in on
+        // (its 802.1Q tag is kept, so it may not: as in `try_open`), or the route or neighbour
+        // is gone for now: keep the old next hop rather than drop an established connection;
+        // the next routing change retries.
         Ok(_) | Err(_) => flow.next_hop.fib_gen = fib_gen,
     }
 }
@@ -222,7 +228,7 @@ fn established<C: Frame>(
     }
 
     if flow.direction == Direction::Original as u8 && flow.next_hop.fib_gen != cfg.fib_gen {
-        refresh_next_hop(ctx, flow, cfg.fib_gen);
+        refresh_next_hop(ctx, flow, cfg.fib_gen, pkt.vlan);
     }
 
     if now != flow.last_seen_ns {

@@ -635,6 +635,8 @@ pub enum Setup {
     DefaultTimeouts,
     /// Wait (so that the coarse clock moves past a zero timeout).
     Sleep(Duration),
+    /// `ip ARGS` in the gateway namespace.
+    Ip(&'static [&'static str]),
 }
 
 /// Conntrack assertions after a fixture's packet.
@@ -1106,6 +1108,37 @@ pub fn fixtures() -> Vec<Fixture> {
             g.b2g(l, SYN | ACK).with(|p| p.ack = 1001)
         })
         .check(Check::State(g, SynAcked)),
+    );
+    // The backend's route moves to b0. A tagged frame's 802.1Q tag is kept, so its connection
+    // may not follow (as a SYN routed out of another interface is dropped: DropVlanEgress).
+    t.push(
+        Fixture::client_segment(
+            "G: tagged ACK after the backend's route moved to b0 (fib_gen 4): still XDP_TX, not out b0 with the tag",
+            g,
+            false,
+            move |_| {
+                g.c2f(ACK).with(|p| {
+                    p.seq = 1001;
+                    p.ack = 5001;
+                })
+            },
+        )
+        .setup(Setup::Ip(&["neigh", "replace", "10.0.0.20", "lladdr", "02:00:00:0c:00:20", "dev", "b0", "nud", "permanent"]))
+        .setup(Setup::Ip(&["route", "add", "10.0.0.20/32", "dev", "b0", "src", "10.0.0.1"]))
+        .setup(Setup::FibGen(4))
+        .check(Check::State(g, Established)),
+    );
+    t.push(
+        Fixture::client_segment("G: tagged data once the route is back (fib_gen 5)", g, false, move |_| {
+            g.c2f(PSH | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+                p.payload = b"route back".to_vec();
+            })
+        })
+        .setup(Setup::Ip(&["route", "del", "10.0.0.20/32", "dev", "b0"]))
+        .setup(Setup::Ip(&["neigh", "del", "10.0.0.20", "dev", "b0"]))
+        .setup(Setup::FibGen(5)),
     );
 
     // ---- H: IPv4 options -----------------------------------------------------------------------------
@@ -1727,6 +1760,9 @@ impl<'a> Harness<'a> {
                 self.dp.set_kernel_config(&self.config)?;
             }
             Setup::Sleep(d) => std::thread::sleep(d),
+            Setup::Ip(args) => {
+                self.gw.ip(args)?;
+            }
         }
         Ok(())
     }
