@@ -67,7 +67,9 @@ pub struct Daemon {
     pub(crate) dp: Dataplane,
     pub(crate) kernel: KernelConfig,
     /// Last seen (route, MAC) of each backend's next hop.
-    next_hops: BTreeMap<Ipv4Addr, Option<(neigh::Route, Option<String>)>>,
+    next_hops: BTreeMap<Ipv4Addr, neigh::Sample>,
+    /// The route and MAC each backend's next hop last had resolved: what connections may hold.
+    resolved_hops: BTreeMap<Ipv4Addr, (neigh::Route, String)>,
     /// Every backend some frontend names, by address.
     pub(crate) backends: BTreeMap<SocketAddrV4, BackendEntry>,
     /// Backends removed from the config while draining: their connections still get reset at
@@ -197,7 +199,8 @@ impl Daemon {
         pins.prepare()?;
         let adopting = pins.exists();
         let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
-        // An adopted table keeps its routing generation and MTU: flows stay as they are.
+        // An adopted table keeps its routing generation and MTU (the generation moves on once at
+        // the end of the start, for next hops that changed while no daemon ran).
         let previous = if adopting { dp.kernel_config().ok().filter(|k| k.snat_port_max != 0) } else { None };
         // The tick is always this machine's: Dataplane::set_kernel_config fills it in.
         let kernel = KernelConfig {
@@ -213,6 +216,7 @@ impl Daemon {
             dp,
             kernel,
             next_hops: BTreeMap::new(),
+            resolved_hops: BTreeMap::new(),
             backends: BTreeMap::new(),
             removed_drains: Vec::new(),
             pools: HashMap::new(),
@@ -251,6 +255,11 @@ impl Daemon {
             log::info!("interface #{ifindex} is no longer a redirect target");
         }
         d.kernel.min_mtu = d.dp.min_mtu()?;
+        if adopting {
+            // A next hop may have moved while no daemon watched: adopted connections look
+            // their routes up once more (one that fails keeps what it had).
+            d.kernel.fib_gen = d.kernel.fib_gen.wrapping_add(1);
+        }
         d.dp.set_kernel_config(&d.kernel)?;
         if adopting {
             log::info!("adopted pinned state in {}", d.pins.root().display());
@@ -357,13 +366,11 @@ impl Daemon {
             };
             let previous = self.next_hops.insert(backend, now.clone());
             // Connections cache a route and a MAC; only a change to one they could have cached
-            // makes them look again. A MAC appearing where there was none is not such a change:
-            // no connection could open without it.
-            let stale = match (&previous, &now) {
-                (Some(Some((r0, m0))), Some((r1, m1))) => r0 != r1 || (m0.is_some() && m0 != m1),
-                (Some(Some(_)), None) => true,
-                _ => false,
-            };
+            // makes them look again.
+            let stale = neigh::cached_hop_moved(self.resolved_hops.get(&backend), previous.as_ref(), &now);
+            if let Some((route, Some(mac))) = &now {
+                self.resolved_hops.insert(backend, (route.clone(), mac.clone()));
+            }
             if stale {
                 log::info!("backend {backend}: next hop now {now:?}");
                 changed = true;
@@ -386,6 +393,9 @@ impl Daemon {
                         && let Err(e) = neigh::keep_resolved(&s.route)
                     {
                         log::warn!("backend {b}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
+                    }
+                    if let Some(mac) = &s.mac {
+                        self.resolved_hops.insert(b, (s.route.clone(), mac.clone()));
                     }
                     self.next_hops.insert(b, Some((s.route, s.mac)));
                 }

@@ -137,3 +137,68 @@ pub fn snapshot(backends: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, Result<NextHopState
         })
         .collect()
 }
+
+/// One sample of a backend's next hop: the route, and the neighbour's MAC if resolved; `None`
+/// when there is no route.
+pub type Sample = Option<(Route, Option<String>)>;
+
+/// Whether connections that cached a backend's next hop must look it up again, given the last
+/// sample (`previous`), this one (`now`), and `resolved`: the route and MAC last seen resolved.
+/// Connections may hold that one through samples without a MAC (their lookups fail, and they
+/// keep what they had), so a MAC that differs from it is a change even after such a gap.
+pub fn cached_hop_moved(resolved: Option<&(Route, String)>, previous: Option<&Sample>, now: &Sample) -> bool {
+    // A MAC appearing where there was none is no change by itself: no connection could open
+    // without it.
+    let sample_changed = match (previous, now) {
+        (Some(Some((r0, m0))), Some((r1, m1))) => r0 != r1 || (m0.is_some() && m0 != m1),
+        (Some(Some(_)), None) => true,
+        _ => false,
+    };
+    let moved_since_resolved = match (resolved, now) {
+        (Some((r0, m0)), Some((r1, Some(m1)))) => r0 != r1 || m0 != m1,
+        _ => false,
+    };
+    sample_changed || moved_since_resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route() -> Route {
+        Route { dev: "eth0".into(), next_hop: Ipv4Addr::new(10, 64, 0, 2), src: None }
+    }
+
+    /// Feeds samples in order, as the daemon does, and returns which ones bumped the generation.
+    fn bumps(samples: &[Sample]) -> Vec<bool> {
+        let (mut resolved, mut previous): (Option<(Route, String)>, Option<Sample>) = (None, None);
+        samples
+            .iter()
+            .map(|now| {
+                let moved = cached_hop_moved(resolved.as_ref(), previous.as_ref(), now);
+                if let Some((r, Some(m))) = now {
+                    resolved = Some((r.clone(), m.clone()));
+                }
+                previous = Some(now.clone());
+                moved
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mac_change_through_an_unresolved_gap_is_a_change() {
+        let (a, b) = (Some("02:00:00:00:00:0a".to_owned()), Some("02:00:00:00:00:0b".to_owned()));
+        let r = route();
+        // A, then the entry unresolved (FAILED or INCOMPLETE hide the MAC), then B.
+        assert_eq!(bumps(&[Some((r.clone(), a.clone())), Some((r.clone(), None)), Some((r.clone(), b.clone()))]), [false, true, true]);
+        // The same through a moment without a route.
+        assert_eq!(bumps(&[Some((r.clone(), a.clone())), None, Some((r.clone(), b.clone()))]), [false, true, true]);
+        // Back to A after the gap: what connections kept is right again.
+        assert_eq!(bumps(&[Some((r.clone(), a.clone())), Some((r.clone(), None)), Some((r.clone(), a.clone()))]), [false, true, false]);
+        // First resolution, and no change.
+        assert_eq!(bumps(&[Some((r.clone(), None)), Some((r.clone(), a.clone())), Some((r.clone(), a.clone()))]), [false, false, false]);
+        // A route change is one at once.
+        let other = Route { dev: "eth1".into(), ..r.clone() };
+        assert_eq!(bumps(&[Some((r, a)), Some((other, None))]), [false, true]);
+    }
+}
