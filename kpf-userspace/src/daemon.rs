@@ -242,6 +242,10 @@ impl Daemon {
                 Attached::Adopted(m) => {
                     log::info!("adopted the pinned {} link on {iface}: new program swapped in", m.as_str())
                 }
+                Attached::KeptOld(m, e) => log::error!(
+                    "{iface}: cannot switch to {mode:?} mode ({e}); attached in {} mode again, as before, and running so",
+                    m.as_str()
+                ),
             }
         }
         let configured: HashSet<u32> = d.dp.attachments().iter().map(|a| a.ifindex).collect();

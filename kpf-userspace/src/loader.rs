@@ -97,12 +97,15 @@ impl AttachMode {
 }
 
 /// What happened to an interface when the daemon started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attached {
     /// Newly attached.
     Fresh(AttachMode),
     /// A pinned link was found and this program swapped into it: no packet saw a gap.
     Adopted(AttachMode),
+    /// The wanted XDP mode could not attach (the error); the XDP mode the interface had before
+    /// was attached again.
+    KeptOld(AttachMode, String),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -336,14 +339,18 @@ impl Dataplane {
                 replaced = replaced.or((old != AttachMode::Tc).then_some(old));
             }
         }
-        let (m, fd_link) = match self.attach_new(iface, mode) {
-            Ok(attached) => attached,
-            Err(e) => {
-                if let Some(old) = replaced {
-                    self.reattach_xdp(iface, ifindex, old, pins);
-                }
-                return Err(e);
+        let (m, fd_link) = match (self.attach_new(iface, mode), replaced) {
+            (Ok(attached), _) => attached,
+            // Going on in the old mode rather than stopping: a supervisor restarting kpf would
+            // repeat the switch, and its gap in forwarding, every time.
+            (Err(e), Some(old)) => {
+                self.reattach_xdp(iface, ifindex, old, pins).map_err(|r| {
+                    Error::Environment(format!("{e}; attaching in {} mode again failed too: {r}", old.as_str()))
+                })?;
+                self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: old });
+                return Ok(Attached::KeptOld(old, e.to_string()));
             }
+            (Err(e), None) => return Err(e),
         };
         let path = pins.link(ifindex, m.as_str());
         fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
@@ -358,18 +365,13 @@ impl Dataplane {
     }
 
     /// Puts back (and pins) the XDP link in mode `m` that a failed switch to another XDP mode
-    /// removed, so that the interface goes on forwarding as before: the daemon then stops with
-    /// the switch's error, as after any failed start, and the pinned link stays.
-    fn reattach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, pins: &PinDir) {
+    /// removed, so that the interface goes on forwarding as before.
+    fn reattach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, pins: &PinDir) -> Result<()> {
         let xdp_mode = if m == AttachMode::Native { XdpMode::Driver } else { XdpMode::Skb };
         let path = pins.link(ifindex, m.as_str());
-        let restored = self.attach_xdp(iface, ifindex, m, xdp_mode).and_then(|link| {
-            link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))
-        });
-        match restored {
-            Ok(_) => log::warn!("{iface}: the switch failed; attached in {} again, as before", m.describe()),
-            Err(e) => log::error!("{iface}: the switch failed, and attaching in {} again failed too: {e}", m.describe()),
-        }
+        let link = self.attach_xdp(iface, ifindex, m, xdp_mode)?;
+        link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
+        Ok(())
     }
 
     /// Makes `ifindex` a redirect target and records its MTU.
