@@ -41,6 +41,9 @@ pub struct PlanArgs {
     /// Advertised port range another listener set already uses (e.g. EXTERNAL's, when planning EXTERNAL2).
     #[arg(long = "taken")]
     taken: Vec<Range>,
+    /// The broker port that listener set binds (with --taken; its plan's --external-port).
+    #[arg(long, default_value_t = 39092, requires = "taken")]
+    taken_external_port: u16,
     /// The gateway interface, for a new config file.
     #[arg(long, default_value = "eth0")]
     interface: String,
@@ -85,6 +88,7 @@ fn run_plan(a: PlanArgs) -> anyhow::Result<()> {
         first_port: a.first_port,
         listener: a.listener,
         bootstrap_ports: a.bootstrap_ports,
+        taken_external_ports: if a.taken.is_empty() { vec![] } else { vec![a.taken_external_port] },
         taken: a.taken,
     })
     .map_err(|e| anyhow!(e))?;

@@ -87,6 +87,8 @@ pub struct Input {
     pub bootstrap_ports: Vec<u16>,
     /// Port ranges other listener sets already advertise (e.g. EXTERNAL's when planning EXTERNAL2).
     pub taken: Vec<Range>,
+    /// The broker ports those listener sets bind (each broker listener needs its own port).
+    pub taken_external_ports: Vec<u16>,
 }
 
 /// What one broker gets.
@@ -143,6 +145,13 @@ pub fn plan(input: Input) -> Result<Output, String> {
                 range.min, range.max, t.min, t.max, t.max
             ));
         }
+    }
+    if input.taken_external_ports.contains(&input.external_port) {
+        return Err(format!(
+            "broker port {} is bound by another listener set's listener (a broker refuses two listeners on one \
+             port); give {} its own with --external-port",
+            input.external_port, input.listener
+        ));
     }
     for bp in &input.bootstrap_ports {
         if (range.min..=range.max).contains(bp) {
@@ -250,6 +259,7 @@ mod tests {
             listener: "EXTERNAL".into(),
             bootstrap_ports: vec![9092],
             taken: vec![],
+            taken_external_ports: vec![],
         }
     }
 
@@ -294,12 +304,19 @@ mod tests {
         let mut i = input(&[GCP], &["1=10.64.0.2", "2=10.64.0.3"]);
         i.listener = "EXTERNAL2".into();
         i.taken = vec!["9093-9095".parse().unwrap()];
+        i.taken_external_ports = vec![39092];
         let e = plan(i.clone()).unwrap_err();
         assert!(e.contains("overlap 9093-9095"), "{e}");
         i.first_port = 9096;
         i.bootstrap_ports = vec![9100];
+        // EXTERNAL binds 39092 on every broker: a broker refuses a second listener there.
+        let e = plan(i.clone()).unwrap_err();
+        assert!(e.contains("broker port 39092 is bound by another listener set") && e.contains("--external-port"), "{e}");
+        i.external_port = 39093;
         let o = plan(i).unwrap();
         assert!(o.broker_lines().contains("EXTERNAL2://b1.abc.us-west1.gcp.3199745.tidbcloud.com:9096"));
+        assert!(o.broker_lines().contains("listeners=...,EXTERNAL2://0.0.0.0:39093"));
+        assert!(o.frontends_toml().contains("backends = [\"10.64.0.2:39093\"]"), "{}", o.frontends_toml());
         let mut i = input(&[GCP], &["1=10.64.0.2", "2=10.64.0.3"]);
         i.bootstrap_ports = vec![9094];
         assert!(plan(i).unwrap_err().contains("bootstrap port 9094"));
