@@ -41,7 +41,8 @@ impl Conn {
         Ok(c)
     }
 
-    fn version<M: Message>(&self, key: ApiKey) -> Result<i16, String> {
+    /// The version [`Conn::call`] sends `key` at: the highest both sides speak.
+    pub fn version<M: Message>(&self, key: ApiKey) -> Result<i16, String> {
         let (min, max) =
             self.versions.get(&(key as i16)).copied().ok_or_else(|| format!("the broker does not support {key:?}"))?;
         let v = M::VERSIONS.max.min(max);

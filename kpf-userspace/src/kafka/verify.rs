@@ -19,6 +19,7 @@ use kafka_protocol::{
         ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
         ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, TopicName,
         create_topics_request::CreatableTopic,
+        delete_topics_request::DeleteTopicState,
         list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic},
         metadata_request::MetadataRequestTopic,
     },
@@ -59,6 +60,17 @@ pub struct Report {
     pub bootstrap: String,
     pub rows: Vec<Row>,
     pub ok: bool,
+}
+
+/// DeleteTopics for `topic` at `version`: names up to v5, topic states from v6 (Kafka 2.8). An
+/// encoder refuses a field its version lacks, so only one of the two may be set.
+fn delete_request(topic: &str, version: i16, timeout: Duration) -> DeleteTopicsRequest {
+    let req = DeleteTopicsRequest::default().with_timeout_ms(timeout.as_millis() as i32);
+    if version >= 6 {
+        req.with_topics(vec![DeleteTopicState::default().with_name(Some(topic_name(topic)))])
+    } else {
+        req.with_topic_names(vec![topic_name(topic)])
+    }
 }
 
 fn topic_name(s: &str) -> TopicName {
@@ -201,11 +213,10 @@ pub fn verify(o: &Options) -> Result<Report, String> {
     }
 
     if created && !o.keep_topic {
-        let req = DeleteTopicsRequest::default()
-            .with_topic_names(vec![topic_name(topic)])
-            .with_topics(vec![kafka_protocol::messages::delete_topics_request::DeleteTopicState::default().with_name(Some(topic_name(topic)))])
-            .with_timeout_ms(o.timeout.as_millis() as i32);
-        match boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &req) {
+        let deleted = boot.version::<DeleteTopicsRequest>(ApiKey::DeleteTopics).and_then(|v| {
+            boot.call::<_, DeleteTopicsResponse>(ApiKey::DeleteTopics, &delete_request(topic, v, o.timeout))
+        });
+        match deleted {
             Err(e) => log::warn!("could not delete the verification topic {topic}: {e}"),
             Ok(_) => {
                 // Deletion is asynchronous: wait (briefly) until the metadata no longer lists it.
@@ -238,5 +249,26 @@ impl std::fmt::Display for Report {
             )?;
         }
         write!(f, "{}", if self.ok { "every advertised port reaches its own broker\n" } else { "FAILED\n" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::protocol::{Encodable, Message};
+
+    use super::*;
+
+    /// Brokers before Kafka 2.8 speak DeleteTopics up to v5, which has no topic states: a request
+    /// with both fields set (as verify once sent) fails to encode there, and the topic stayed.
+    #[test]
+    fn delete_request_encodes_at_every_version() {
+        let timeout = Duration::from_secs(5);
+        for v in DeleteTopicsRequest::VERSIONS.min..=DeleteTopicsRequest::VERSIONS.max {
+            let mut buf = bytes::BytesMut::new();
+            delete_request("__kpf_verify_1", v, timeout).encode(&mut buf, v).unwrap_or_else(|e| panic!("v{v}: {e}"));
+            assert!(buf.len() > 14, "v{v}: the topic name is in the request");
+        }
+        let both = delete_request("t", 6, timeout).with_topic_names(vec![topic_name("t")]);
+        assert!(both.encode(&mut bytes::BytesMut::new(), 5).is_err(), "the old request fails at v5");
     }
 }
