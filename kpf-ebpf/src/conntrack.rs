@@ -237,7 +237,8 @@ fn established<C: Frame>(
             // A retransmitted SYN: until the backend answers, nothing else keeps the reply entry
             // alive, and the SYN-ACK to a late retransmission would find it expired.
             if let Some(peer) = table.get_ptr_mut(&FlowKey::reply_of(&flow.nat)) {
-                // SAFETY: a live map value; a racing writer only stores a timestamp as well.
+                // SAFETY: a live map value; one aligned 8-byte store, as the peer's own packets
+                // make to this field.
                 unsafe { (*peer).last_seen_ns = now };
             }
         }

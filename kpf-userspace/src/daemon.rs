@@ -145,6 +145,7 @@ pub struct StagedFile {
     tmp: PathBuf,
     path: PathBuf,
     dir: PathBuf,
+    committed: bool,
 }
 
 impl StagedFile {
@@ -154,7 +155,7 @@ impl StagedFile {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("config");
         let tmp = dir.join(format!(".{name}.kpf-{}.tmp", std::process::id()));
-        let staged = StagedFile { tmp, path: path.to_owned(), dir: dir.to_owned() };
+        let staged = StagedFile { tmp, path: path.to_owned(), dir: dir.to_owned(), committed: false };
         let what = |w: &str| format!("{w} {}", staged.tmp.display());
         let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
         let mut f = std::fs::File::create(&staged.tmp).map_err(Error::io(what("creating")))?;
@@ -165,8 +166,9 @@ impl StagedFile {
     }
 
     /// Puts the file in place.
-    pub fn commit(self) -> Result<()> {
+    pub fn commit(mut self) -> Result<()> {
         std::fs::rename(&self.tmp, &self.path).map_err(Error::io(format!("replacing {}", self.path.display())))?;
+        self.committed = true;
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -176,8 +178,9 @@ impl StagedFile {
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
-        // After a commit the name is gone; otherwise this removes the unused file.
-        let _ = std::fs::remove_file(&self.tmp);
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -34,8 +34,10 @@ pub fn sweep(
         if !expired(flow) {
             continue;
         }
+        // The peer entry counts only while it is this connection's (its rewrite leads back here).
         let peer = FlowKey::reply_of(&flow.nat);
-        if flows.get(&peer).is_some_and(|p| !expired(p)) || dp.flow(&peer)?.is_some_and(|p| !expired(&p)) {
+        let live_peer = |p: &Flow| !expired(p) && FlowKey::reply_of(&p.nat) == *key;
+        if flows.get(&peer).is_some_and(live_peer) || dp.flow(&peer)?.is_some_and(|p| live_peer(&p)) {
             continue;
         }
         if dp.remove_flow_if(key, expired)? {

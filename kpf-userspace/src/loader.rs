@@ -383,7 +383,8 @@ impl Dataplane {
     }
 
     /// Removes every interface but `keep` from the redirect targets and MTUs: ones a previous
-    /// daemon attached to and this one does not (it left their links). Returns their ifindexes.
+    /// daemon attached to and this one no longer does (their links are unpinned). Returns their
+    /// ifindexes.
     pub fn retain_ifaces(&mut self, keep: &std::collections::HashSet<u32>) -> Result<Vec<u32>> {
         let ifaces: HashMap<&MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         let devmap: DevMapHash<&MapData> = self.map(names::DEVMAP)?;
@@ -620,7 +621,6 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Removes a conntrack entry from whichever table holds it.
     /// Removes the entry under `key` from whichever table holds it if, read again now, it still
     /// satisfies `stale`: between a walk of the tables and a removal the dataplane may have
     /// refreshed it, or put a new connection's entry under the same key (a reopened 4-tuple, a
@@ -646,6 +646,7 @@ impl Dataplane {
         Ok(removed)
     }
 
+    /// Removes a conntrack entry from whichever table holds it.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         for table in [names::FLOWS, names::HALF_OPEN] {
             let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(table)?;

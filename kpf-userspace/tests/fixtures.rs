@@ -49,8 +49,8 @@ fn table_through(attach: Attach) {
 
 /// The established table holds `max_flows` connections whichever CPU opens them. Every
 /// connection here is opened and used on CPU 0, far past the share one CPU had of a table whose
-/// LRU lists were per CPU (BPF_F_NO_COMMON_LRU splits the capacity: on this 2-CPU machine, 176 of
-/// 600 such connections lost their reply entry to eviction).
+/// LRU lists were per CPU (BPF_F_NO_COMMON_LRU splits the capacity: on a 2-CPU machine, 176 of
+/// 600 such connections lost their reply entry to eviction; on a 1-CPU machine this cannot fail).
 #[test]
 fn flow_table_is_not_split_between_cpus() {
     if !is_root() {

@@ -1465,27 +1465,27 @@ pub fn fixtures() -> Vec<Fixture> {
         .check(Check::State(q, SynAcked)),
     );
 
-    // ---- R: a backend slow to answer (SynSent timeout 300 ms) -------------------------------------------
+    // ---- R: a backend slow to answer (SynSent timeout 1 s) ---------------------------------------------
     // The client's retransmitted SYNs are all that refresh the connection until the backend
     // answers: the SYN-ACK to a late one must still find the reply entry live.
     let r = Conn::to_a("R", 50090);
     t.push(
         Fixture::client_segment("R: SYN", r, true, move |_| r.c2f(SYN))
-            .setup(Setup::Timeout(SynSent, 300_000_000))
+            .setup(Setup::Timeout(SynSent, 1_000_000_000))
             .check(Check::State(r, SynSent)),
     );
     t.push(
-        Fixture::client_segment("R: SYN retransmitted 200 ms later, backend still silent", r, false, move |_| r.c2f(SYN))
-            .setup(Setup::Sleep(Duration::from_millis(200)))
+        Fixture::client_segment("R: SYN retransmitted 600 ms later, backend still silent", r, false, move |_| r.c2f(SYN))
+            .setup(Setup::Sleep(Duration::from_millis(600)))
             .check(Check::State(r, SynSent)),
     );
     t.push(
         Fixture::backend_segment(
-            "R: SYN-ACK 400 ms after the first SYN (past the timeout), 200 ms after the retransmission",
+            "R: SYN-ACK 1.2 s after the first SYN (past the timeout), 600 ms after the retransmission",
             r,
             move |l| r.b2g(l, SYN | ACK).with(|p| p.ack = 1001),
         )
-        .setup(Setup::Sleep(Duration::from_millis(200)))
+        .setup(Setup::Sleep(Duration::from_millis(600)))
         .check(Check::State(r, SynAcked)),
     );
     t.push(
