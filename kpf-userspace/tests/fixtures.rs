@@ -21,13 +21,18 @@ fn fixture_table_tc() {
     table_through(Attach::Tc);
 }
 
-fn table_through(attach: Attach) {
+/// The fixture topology; `None` (and a note) without root.
+fn topology() -> Option<Topology> {
     if !is_root() {
         eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
-        return;
+        return None;
     }
+    Some(Topology::new().expect("building the fixture topology"))
+}
+
+fn table_through(attach: Attach) {
     // Dropped at the end of this function, and during unwinding if an assertion fails.
-    let topo = Topology::new().expect("building the fixture topology");
+    let Some(topo) = topology() else { return };
     let table = fixtures();
     let failures = topo
         .run_at(attach, |h| {
@@ -53,10 +58,6 @@ fn table_through(attach: Attach) {
 /// 600 such connections lost their reply entry to eviction; on a 1-CPU machine this cannot fail).
 #[test]
 fn flow_table_is_not_split_between_cpus() {
-    if !is_root() {
-        eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
-        return;
-    }
     let conns: Vec<Conn> = (0..MAX_FLOWS as u16 * 3 / 4)
         .map(|i| Conn::to_a(Box::leak(format!("capacity-{i}").into_boxed_str()), 20_000 + i))
         .collect();
@@ -77,7 +78,7 @@ fn flow_table_is_not_split_between_cpus() {
                 .check(Check::State(c, State::Established)),
         );
     }
-    let topo = Topology::new().expect("building the fixture topology");
+    let Some(topo) = topology() else { return };
     let failures = topo
         .run(|h| {
             // SAFETY: a zeroed cpu_set_t with CPU 0 set, for the calling thread (pid 0).
@@ -99,11 +100,7 @@ fn flow_table_is_not_split_between_cpus() {
 /// and counted, not sent where no kpf sees the replies.
 #[test]
 fn dropped_interfaces_are_no_redirect_target() {
-    if !is_root() {
-        eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
-        return;
-    }
-    let topo = Topology::new().expect("building the fixture topology");
+    let Some(topo) = topology() else { return };
     topo.run(|h| {
         // *:9098 maps to a backend routed out of x0.
         let syn = |cport| Conn::to_a("X", cport).c2f(SYN).with(|p| p.dst.set_port(9098)).bytes();
@@ -125,11 +122,7 @@ fn dropped_interfaces_are_no_redirect_target() {
 /// connection in between (here: a SYN reopening an expired 4-tuple) must keep its new entry.
 #[test]
 fn gc_spares_a_key_reused_after_its_walk() {
-    if !is_root() {
-        eprintln!("skipped: the fixture tests need root (BPF and network namespaces)");
-        return;
-    }
-    let topo = Topology::new().expect("building the fixture topology");
+    let Some(topo) = topology() else { return };
     topo.run(|h| {
         let c = Conn::to_a("G", 50200);
         let c0 = h.ifaces.c0;
