@@ -154,11 +154,13 @@ pub struct Flow {
     pub state: u8,
     /// A [`Direction`].
     pub direction: u8,
-    pub _pad: [u8; 2],
+    /// The 802.1Q tag control word (wire order) of the frames that opened the connection, 0 if
+    /// they were untagged: kpf keeps a frame's tag, and the RSTs it sends itself need it too.
+    pub vlan_tci: u16,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 88);
 // The kernel updates `state` with an 8-byte compare-and-exchange on (next_seq, state, direction,
-// _pad): one aligned word.
+// vlan_tci): one aligned word.
 const _: () = assert!(core::mem::offset_of!(Flow, next_seq) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(Flow, state) == core::mem::offset_of!(Flow, next_seq) + 4);
 

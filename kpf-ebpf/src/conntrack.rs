@@ -388,7 +388,7 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     f.next_seq = 0;
     f.state = State::SynSent as u8;
     f.direction = Direction::Reply as u8;
-    f._pad = [0; 2];
+    f.vlan_tci = pkt.vlan_tci;
 
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });

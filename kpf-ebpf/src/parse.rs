@@ -33,6 +33,8 @@ pub struct Packet {
     pub payload: u16,
     /// The frame carries an 802.1Q tag.
     pub vlan: bool,
+    /// Its tag control word (wire order), 0 if untagged.
+    pub vlan_tci: u16,
 }
 
 /// An ICMP error (destination unreachable, time exceeded) quoting a TCP/IPv4 header: how
@@ -141,11 +143,13 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3 = EthHdr::LEN;
+    let mut vlan_tci = 0;
     if ether_type == ETH_P_8021Q {
         // TCI (2 bytes) then the inner EtherType.
         let inner: *const [u8; VLAN_HLEN] = ptr_at(ctx, l3).ok_or(Counter::PassMalformed)?;
         // SAFETY: bounds checked.
         let v = unsafe { *inner };
+        vlan_tci = u16::from_ne_bytes([v[0], v[1]]);
         ether_type = u16::from_ne_bytes([v[2], v[3]]);
         l3 += VLAN_HLEN;
     }
@@ -202,5 +206,5 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Counter> {
     }
     let key = FlowKey::tcp_from_wire([src, dst], ports);
     let payload = ip_len - (ihl + doff) as u16;
-    Ok(Parsed::Tcp(Packet { eth, ip, tcp, key, flags, ip_len, payload, vlan: l3 != EthHdr::LEN }))
+    Ok(Parsed::Tcp(Packet { eth, ip, tcp, key, flags, ip_len, payload, vlan: l3 != EthHdr::LEN, vlan_tci }))
 }

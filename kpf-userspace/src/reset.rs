@@ -14,17 +14,25 @@ use kpf_common::{Flow, csum};
 use crate::error::{Error, Result};
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
 const TCP_RST: u8 = 0x04;
 
-/// An Ethernet/IPv4/TCP RST frame with correct checksums.
-pub fn frame(flow: &Flow, seq: u32) -> [u8; 54] {
+/// An Ethernet/IPv4/TCP RST frame with correct checksums, with the connection's 802.1Q tag if
+/// it has one (the program keeps a frame's tag, so the peers are on that VLAN).
+pub fn frame(flow: &Flow, seq: u32) -> Vec<u8> {
     let nh = &flow.next_hop;
     let nat = &flow.nat;
-    let mut f = [0u8; 54];
-    f[0..6].copy_from_slice(&nh.dst_mac);
-    f[6..12].copy_from_slice(&nh.src_mac);
-    f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let ip = &mut f[14..34];
+    let mut f = Vec::with_capacity(58);
+    f.extend_from_slice(&nh.dst_mac);
+    f.extend_from_slice(&nh.src_mac);
+    if flow.vlan_tci != 0 {
+        f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+        f.extend_from_slice(&flow.vlan_tci.to_ne_bytes());
+    }
+    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    let l3 = f.len();
+    f.resize(l3 + 40, 0);
+    let (ip, tcp) = f[l3..].split_at_mut(20);
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&40u16.to_be_bytes());
     ip[6] = 0x40; // DF
@@ -35,7 +43,6 @@ pub fn frame(flow: &Flow, seq: u32) -> [u8; 54] {
     let c = csum::ipv4_header(ip);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
     let (src, dst) = (nat.src_addr.to_ne_bytes(), nat.dst_addr.to_ne_bytes());
-    let tcp = &mut f[34..54];
     tcp[0..2].copy_from_slice(&nat.src_port.to_ne_bytes());
     tcp[2..4].copy_from_slice(&nat.dst_port.to_ne_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -98,6 +105,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rst_frame_carries_the_connections_vlan_tag() {
+        let key = FlowKey::tcp(wire::addr([10, 0, 0, 10].into()), wire::port(50000), wire::addr([10, 0, 0, 1].into()), wire::port(9093));
+        let flow = Flow {
+            nat: Nat::new(&key, wire::addr([10, 0, 0, 1].into()), wire::port(41000), wire::addr([10, 0, 0, 20].into()), wire::port(39092)),
+            // VID 100, priority 5, as the tagged SYN carried it (wire order).
+            vlan_tci: u16::from_ne_bytes(((5 << 13) | 100u16).to_be_bytes()),
+            ..Flow::default()
+        };
+        let f = frame(&flow, 7);
+        assert_eq!(f.len(), 58);
+        assert_eq!((&f[12..14], &f[14..16], &f[16..18]), (&[0x81, 0x00][..], &[0xa0, 0x64][..], &[0x08, 0x00][..]));
+        assert_eq!(csum::fold(csum::sum(&f[18..38], 0)), 0xffff, "IP header sums to -0");
+        let pseudo = csum::pseudo_header([10, 0, 0, 1], [10, 0, 0, 20], 6, 20) as u32;
+        assert_eq!(csum::fold(csum::sum(&f[38..58], pseudo)), 0xffff, "TCP segment sums to -0");
+        assert_eq!(f[51], TCP_RST);
+    }
+
+    #[test]
     fn rst_frame_has_valid_checksums_and_fields() {
         let key = FlowKey::tcp(wire::addr([10, 64, 0, 2].into()), wire::port(39092), wire::addr([10, 64, 0, 1].into()), wire::port(41000));
         let flow = Flow {
@@ -106,7 +131,9 @@ mod tests {
             ..Flow::default()
         };
         let f = frame(&flow, 0xdead_beef);
+        assert_eq!(f.len(), 54, "untagged");
         assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 2]);
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
         assert_eq!(csum::fold(csum::sum(&f[14..34], 0)), 0xffff, "IP header sums to -0");
         let pseudo = csum::pseudo_header([10, 0, 0, 1], [10, 0, 0, 10], 6, 20) as u32;
         assert_eq!(csum::fold(csum::sum(&f[34..54], pseudo)), 0xffff, "TCP segment sums to -0");

@@ -653,6 +653,9 @@ pub enum Check {
     DistinctSnat(Conn, Conn),
     /// The Original entry's cached next hop has this destination MAC.
     NextHopMac(Conn, [u8; 6]),
+    /// Both entries carry the 802.1Q tag control word the connection's frames had (the frames
+    /// [`write_eth`] builds: priority 3 and `conn.vlan`), or 0 for an untagged connection.
+    VlanTag(Conn),
     /// The Original entry was stamped during this run, in the clock the daemon reads
     /// (`Dataplane::now_ns`), which is what its idle timeouts and views compare against.
     Stamped(Conn),
@@ -1033,7 +1036,8 @@ pub fn fixtures() -> Vec<Fixture> {
     let f = Conn::to_b("F", 50020);
     t.push(
         Fixture::client_segment("F: SYN to the address-specific frontend 10.0.0.1:9094", f, true, move |_| f.c2f(SYN))
-            .check(Check::State(f, SynSent)),
+            .check(Check::State(f, SynSent))
+            .check(Check::VlanTag(f)),
     );
     t.push(
         Fixture::backend_segment("F: SYN-ACK from 10.64.0.3", f, move |l| f.b2g(l, SYN | ACK).with(|p| p.ack = 1001))
@@ -1101,7 +1105,8 @@ pub fn fixtures() -> Vec<Fixture> {
             true,
             move |_| g.c2f(SYN),
         )
-        .check(Check::State(g, SynSent)),
+        .check(Check::State(g, SynSent))
+        .check(Check::VlanTag(g)),
     );
     t.push(
         Fixture::backend_segment("G: tagged SYN-ACK back to the client, tag kept", g, move |l| {
@@ -1940,6 +1945,16 @@ impl<'a> Harness<'a> {
                     )),
                     None => Err(format!("{}: no Original entry", conn.name)),
                 },
+                Check::VlanTag(conn) => {
+                    let want = conn.vlan.map_or(0, |vid| u16::from_ne_bytes(((3 << 13) | vid).to_be_bytes()));
+                    let port = self.learned.snat(conn.name);
+                    let got = [conn.client_key(), conn.reply_key(port)].map(|k| flows_after.get(&k).map(|f| f.vlan_tci));
+                    if got == [Some(want); 2] {
+                        Ok(())
+                    } else {
+                        Err(format!("{}: entries' tag words {got:04x?}, expected {want:04x} on both", conn.name))
+                    }
+                }
             };
             if let Err(e) = r {
                 errs.push(e);
