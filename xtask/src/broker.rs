@@ -36,7 +36,17 @@ pub fn ensure() -> Result<()> {
     let project = work.join("seed");
     std::fs::create_dir_all(project.join("src"))?;
     for f in ["Cargo.toml", "Cargo.lock", "src/main.rs"] {
-        std::fs::copy(seed.join(f), project.join(f)).with_context(|| format!("copying the seed's {f}"))?;
+        let mut text = std::fs::read(seed.join(f)).with_context(|| format!("reading the seed's {f}"))?;
+        if f == "Cargo.toml" && !String::from_utf8_lossy(&text).contains("[workspace]") {
+            // A cache directory inside this repository (a relative KPF_CACHE_DIR) would otherwise
+            // make cargo take the seed for a stray member of kpf's workspace.
+            text.extend_from_slice(b"\n[workspace]\n");
+        }
+        // Written afresh, not copied: the seed's files are read-only, and a copy keeps that mode,
+        // so a retry after a failed build could not overwrite them.
+        let dst = project.join(f);
+        let _ = std::fs::remove_file(&dst);
+        std::fs::write(&dst, text).with_context(|| format!("writing the seed's {f} to {}", dst.display()))?;
     }
     // The seed's lockfile is what makes cargo fetch the yanked crates into the registry.
     util::run(util::cargo().arg("fetch").current_dir(&project))?;

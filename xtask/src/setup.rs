@@ -27,7 +27,16 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // A virtualenv for the Kafka client (kafka_client.rs installs it from PyPI).
     "python3-venv",
+    // A C++ standard library to link bpf-linker against LLVM (llvm-22-dev does not pull one in),
+    // and a C compiler for the broker's dependencies.
+    "g++",
+    // sysctl, which the namespace tests call.
+    "procps",
 ];
+
+/// The bpf-linker release setup installs: its llvm-22 feature matches LLVM_PREFIX, and it has
+/// BPF_LINKER_FLAG. Pinned (with its lockfile) so that a fresh machine builds what CI built.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Undated on purpose: a dated nightly cannot be fetched on the CI machines.
@@ -128,6 +137,17 @@ fn nightly() -> Result<()> {
             NIGHTLY,
         ]))?;
     }
+    // rustc emits LLVM bitcode that bpf-linker (built against LLVM 22) links: a nightly on
+    // another LLVM major fails later, in the BPF build, with a bitcode error.
+    let verbose = probe(Command::new("rustup").args(["run", NIGHTLY, "rustc", "-vV"])).unwrap_or_default();
+    let llvm = verbose.lines().find_map(|l| l.strip_prefix("LLVM version: ")).unwrap_or("unknown");
+    if !llvm.starts_with("22.") {
+        bail!(
+            "the {NIGHTLY} toolchain uses LLVM {llvm}, but bpf-linker here is built against LLVM 22 \
+             (Debian's llvm-22-dev): install a nightly on LLVM 22"
+        );
+    }
+    println!("setup: {NIGHTLY} uses LLVM {llvm}, as bpf-linker does");
     Ok(())
 }
 
@@ -175,7 +195,10 @@ fn bpf_linker() -> Result<()> {
             .args([
                 "install",
                 "--force",
+                "--locked",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
                 "--no-default-features",
                 "--features",
                 "llvm-22",
@@ -188,6 +211,15 @@ fn bpf_linker() -> Result<()> {
             "setup: note: bpf-linker was installed into {} which is not on PATH; add it before \
              building kpf",
             bin_dir.map_or_else(|| "~/.cargo/bin".to_owned(), |d| d.display().to_string())
+        );
+    } else if !bpf_linker_has_flag(Path::new("bpf-linker")) {
+        // An older one earlier on PATH shadows the one just installed.
+        let found = probe(Command::new("sh").args(["-c", "command -v bpf-linker"])).unwrap_or_default();
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} was installed into {}, but the bpf-linker first on PATH ({}) \
+             lacks {BPF_LINKER_FLAG}: remove it or put the new one first",
+            bin_dir.map_or_else(|| "~/.cargo/bin".to_owned(), |d| d.display().to_string()),
+            found.trim()
         );
     }
     Ok(())
