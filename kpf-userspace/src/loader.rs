@@ -698,6 +698,7 @@ pub fn unpin_link(pins: &PinDir, ifindex: u32) -> Result<()> {
 
 fn unpin_link_mode(pins: &PinDir, ifindex: u32, mode: AttachMode) -> Result<()> {
     let path = pins.link(ifindex, mode.as_str());
+    crate::pin::detach_link(&path);
     std::fs::remove_file(&path).map_err(Error::io(format!("removing {}", path.display())))
 }
 

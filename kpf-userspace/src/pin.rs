@@ -175,6 +175,9 @@ impl PinDir {
             let dir = self.root.join(sub);
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 for e in rd.flatten() {
+                    if sub == "links" {
+                        detach_link(&e.path());
+                    }
                     std::fs::remove_file(e.path()).map_err(Error::io(format!("removing {}", e.path().display())))?;
                     removed.push(e.path());
                 }
@@ -186,4 +189,32 @@ impl PinDir {
         }
         Ok(removed)
     }
+}
+
+/// Detaches the link pinned at `path` now, before its pin goes. Removing the pin only drops a
+/// reference, and the kernel releases an unreferenced link later, from a work queue: until then
+/// the interface keeps the program, and attaching another XDP program there fails (EBUSY). A
+/// failure is logged; removing the pin still detaches the link, later.
+pub fn detach_link(path: &Path) {
+    if let Err(e) = try_detach_link(path) {
+        log::warn!("detaching the link pinned at {} at once: {e}", path.display());
+    }
+}
+
+fn try_detach_link(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 3]| {
+        // SAFETY: attr is a zero-padded bpf_attr of the size passed; the pointer in it (a
+        // NUL-terminated path) outlives the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as u32) };
+        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let fd = bpf(BPF_OBJ_GET, &mut [c_path.as_ptr() as u64, 0, 0])?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor, owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    bpf(BPF_LINK_DETACH, &mut [fd.as_raw_fd() as u64, 0, 0])?;
+    Ok(())
 }
