@@ -63,6 +63,11 @@ fn allocate(cursor: &mut u32, max: u32, used: &HashSet<u32>, what: &str) -> Resu
     Err(Error::Rejected(format!("no room for another {what} (at most {max})")))
 }
 
+/// Every backend some frontend of `desired` names.
+fn named_backends(desired: &[FrontendConfig]) -> HashSet<SocketAddrV4> {
+    desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect()
+}
+
 impl Daemon {
     /// Picks up the ids a previous daemon gave backends and pools, so adoption changes nothing.
     pub(crate) fn adopt_ids(&mut self) -> Result<()> {
@@ -157,7 +162,7 @@ impl Daemon {
     /// converged: until then one may still point at such a slot, and a SYN finding it empty
     /// would be dropped.
     fn retire_backends(&mut self, desired: &[FrontendConfig]) -> Result<()> {
-        let wanted: HashSet<SocketAddrV4> = desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect();
+        let wanted = named_backends(desired);
         let gone: Vec<SocketAddrV4> = self.backends.keys().filter(|a| !wanted.contains(a)).copied().collect();
         for addr in gone {
             if let Some(e) = self.backends.remove(&addr) {
@@ -173,7 +178,7 @@ impl Daemon {
     /// Gives every desired backend an id and a kernel slot, and keeps one health checker per
     /// backend.
     fn converge_backends(&mut self, desired: &[FrontendConfig], health: Health) -> Result<()> {
-        let wanted: HashSet<SocketAddrV4> = desired.iter().flat_map(|f| f.backends.iter().map(|b| b.addr.0)).collect();
+        let wanted = named_backends(desired);
         let mut used: HashSet<u32> = self.backends.values().map(|e| e.id).collect();
         let mut sorted: Vec<SocketAddrV4> = wanted.into_iter().collect();
         sorted.sort();

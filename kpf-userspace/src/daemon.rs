@@ -371,13 +371,11 @@ impl Daemon {
                     None
                 }
             };
-            let previous = self.next_hops.insert(backend, now.clone());
             // Connections cache a route and a MAC; only a change to one they could have cached
             // makes them look again.
-            let stale = neigh::cached_hop_moved(self.resolved_hops.get(&backend), previous.as_ref(), &now);
-            if let Some((route, Some(mac))) = &now {
-                self.resolved_hops.insert(backend, (route.clone(), mac.clone()));
-            }
+            let resolved = self.resolved_hops.get(&backend).cloned();
+            let previous = self.record_next_hop(backend, now.clone());
+            let stale = neigh::cached_hop_moved(resolved.as_ref(), previous.as_ref(), &now);
             if stale {
                 log::info!("backend {backend}: next hop now {now:?}");
                 changed = true;
@@ -391,6 +389,15 @@ impl Daemon {
         }
     }
 
+    /// Records a sample of `backend`'s next hop (and, if resolved, as what connections may
+    /// cache); returns the sample before it.
+    fn record_next_hop(&mut self, backend: Ipv4Addr, sample: neigh::Sample) -> Option<neigh::Sample> {
+        if let Some((route, Some(mac))) = &sample {
+            self.resolved_hops.insert(backend, (route.clone(), mac.clone()));
+        }
+        self.next_hops.insert(backend, sample)
+    }
+
     /// Asks the kernel to resolve `backends`' next hops and waits (up to `limit`) until it has.
     fn resolve(&mut self, backends: &[Ipv4Addr], limit: Duration) {
         for (b, state) in neigh::snapshot(backends) {
@@ -401,14 +408,11 @@ impl Daemon {
                     {
                         log::warn!("backend {b}: cannot keep next hop {} resolved: {e}", s.route.next_hop);
                     }
-                    if let Some(mac) = &s.mac {
-                        self.resolved_hops.insert(b, (s.route.clone(), mac.clone()));
-                    }
-                    self.next_hops.insert(b, Some((s.route, s.mac)));
+                    self.record_next_hop(b, Some((s.route, s.mac)));
                 }
                 Err(e) => {
                     log::warn!("backend {b}: {e}");
-                    self.next_hops.insert(b, None);
+                    self.record_next_hop(b, None);
                 }
             }
         }

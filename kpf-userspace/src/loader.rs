@@ -1,7 +1,7 @@
 //! Loads kpf's programs (XDP, and tc for interfaces attached in tc mode), attaches them, and
 //! reads and writes their maps.
 
-use std::{ffi::CString, net::Ipv4Addr};
+use std::{ffi::CString, net::Ipv4Addr, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -258,9 +258,8 @@ impl Dataplane {
         let mut last = None;
         for &m in tries {
             let attached = match m {
-                AttachMode::Native => self.attach_xdp(iface, ifindex, m, XdpMode::Driver),
-                AttachMode::Generic => self.attach_xdp(iface, ifindex, m, XdpMode::Skb),
                 AttachMode::Tc => self.attach_tc(iface),
+                xdp => self.attach_xdp(iface, ifindex, xdp),
             };
             match attached {
                 Ok(link) => {
@@ -278,8 +277,10 @@ impl Dataplane {
         Err(last.expect("at least one mode was tried"))
     }
 
-    /// An XDP link on `ifindex`, taken from aya (so that it outlives this process once pinned).
-    fn attach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, mode: XdpMode) -> Result<FdLink> {
+    /// An XDP link on `ifindex` in mode `m` (native or generic), taken from aya (so that it
+    /// outlives this process once pinned).
+    fn attach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode) -> Result<FdLink> {
+        let mode = if m == AttachMode::Native { XdpMode::Driver } else { XdpMode::Skb };
         let attach_err = |source| Error::Attach { iface: iface.to_owned(), mode: m.as_str(), source };
         let p = self.program_mut()?;
         let id = p.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
@@ -352,8 +353,7 @@ impl Dataplane {
             }
             (Err(e), None) => return Err(e),
         };
-        let path = pins.link(ifindex, m.as_str());
-        fd_link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
+        pin_link(fd_link, &pins.link(ifindex, m.as_str()))?;
         // Between XDP and tc there is no gap: both share the maps, and while both are attached
         // XDP, which runs first, handles every packet; removing the old link hands over. (`m` is
         // not among `existing`: that case was adopted above.)
@@ -367,11 +367,8 @@ impl Dataplane {
     /// Puts back (and pins) the XDP link in mode `m` that a failed switch to another XDP mode
     /// removed, so that the interface goes on forwarding as before.
     fn reattach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode, pins: &PinDir) -> Result<()> {
-        let xdp_mode = if m == AttachMode::Native { XdpMode::Driver } else { XdpMode::Skb };
-        let path = pins.link(ifindex, m.as_str());
-        let link = self.attach_xdp(iface, ifindex, m, xdp_mode)?;
-        link.pin(&path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
-        Ok(())
+        let link = self.attach_xdp(iface, ifindex, m)?;
+        pin_link(link, &pins.link(ifindex, m.as_str()))
     }
 
     /// Makes `ifindex` a redirect target and records its MTU.
@@ -648,15 +645,7 @@ impl Dataplane {
 
     /// Removes a conntrack entry from whichever table holds it.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
-        for table in [names::FLOWS, names::HALF_OPEN] {
-            let mut m: HashMap<&mut MapData, FlowKey, Flow> = self.map_mut(table)?;
-            match m.remove(key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(Error::map(table)(e)),
-            }
-        }
-        Ok(())
+        self.remove_flow_if(key, |_| true).map(drop)
     }
 }
 
@@ -693,6 +682,11 @@ pub fn unpin_link(pins: &PinDir, ifindex: u32) -> Result<()> {
     for m in pinned_link_modes(pins, ifindex)? {
         unpin_link_mode(pins, ifindex, m)?;
     }
+    Ok(())
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map_err(|e| Error::Environment(format!("pinning {}: {e}", path.display())))?;
     Ok(())
 }
 
