@@ -1,7 +1,11 @@
 //! The control socket: accepts connections, reads one request each (bounded in size and time),
 //! hands it to the daemon's loop with the caller's uid, and writes the answer back.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::Path,
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -32,7 +36,15 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // connect() to a file that is not a socket also fails with ECONNREFUSED: without this, a
+        // mistyped `socket` would delete whatever file it names.
+        if !meta.file_type().is_socket() {
+            return Err(Error::Environment(format!(
+                "{} exists and is not a socket: set `socket` to another path",
+                path.display()
+            )));
+        }
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
                 return Err(Error::Environment(format!(
@@ -123,4 +135,39 @@ async fn connection(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
     let _ = stream.write_all(text.as_bytes()).await;
     let _ = stream.shutdown().await;
     let _ = written_tx.send(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kpf-server-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_left_alone() {
+        let dir = scratch("file");
+        let path = dir.join("kpf.toml");
+        std::fs::write(&path, "interface = \"eth0\"\n").unwrap();
+        let err = bind(&path).expect_err("bound over a regular file");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "interface = \"eth0\"\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = scratch("sock");
+        let path = dir.join("kpf.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let live = bind(&path).expect("replacing a stale socket");
+        let err = bind(&path).expect_err("bound over a live socket");
+        assert!(err.to_string().contains("already running"), "{err}");
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
