@@ -104,10 +104,7 @@ impl Response {
 /// Sends one request and waits for its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::Environment(format!(
-            "kpf is not running (nothing answers on {}): start it with `kpf run`, or pass --socket",
-            socket.display()
-        )),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::NotRunning(socket.to_owned()),
         std::io::ErrorKind::PermissionDenied => Error::Environment(format!(
             "permission denied on {}: the control socket is root-only; run this as root",
             socket.display()

@@ -33,7 +33,7 @@ use crate::{
     gc, health,
     loader::{self, Attached, Dataplane},
     metrics, neigh,
-    pin::PinDir,
+    pin::{PinDir, PinLock},
     plan::{self, Plan},
     server, sysctl,
 };
@@ -64,6 +64,8 @@ pub struct Daemon {
     pub(crate) config: Config,
     pub(crate) config_path: Option<PathBuf>,
     pub(crate) pins: PinDir,
+    /// The pin directory's lock, for as long as this daemon runs.
+    _lock: PinLock,
     pub(crate) dp: Dataplane,
     pub(crate) kernel: KernelConfig,
     /// Last seen (route, MAC) of each backend's next hop.
@@ -191,6 +193,10 @@ impl Daemon {
         // `--mode` is for this run only: the config (and the file every change rewrites) keeps
         // the file's mode.
         let mode = opts.mode.unwrap_or(config.mode);
+        // First, so that a second daemon on these maps changes nothing, not even a sysctl.
+        let pins = PinDir::new(&config.pin_dir);
+        pins.prepare()?;
+        let lock = pins.lock()?.ok_or_else(|| Error::Environment(format!("{} vanished", config.pin_dir.display())))?;
         for iface in &config.interfaces {
             loader::ifindex(iface)?;
             sysctl::ensure_forwarding(iface, config.manage_sysctls)?;
@@ -198,9 +204,7 @@ impl Daemon {
         sysctl::ensure_snat_ports(config.snat_ports, config.manage_sysctls)?;
         check_backends_remote(&config)?;
 
-        let pins = PinDir::new(&config.pin_dir);
-        pins.prepare()?;
-        let adopting = pins.exists();
+        let adopting = pins.exists()?;
         let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
         // An adopted table keeps its routing generation and MTU (the generation moves on once at
         // the end of the start, for next hops that changed while no daemon ran).
@@ -216,6 +220,7 @@ impl Daemon {
             config: config.clone(),
             config_path: opts.config_path,
             pins,
+            _lock: lock,
             dp,
             kernel,
             next_hops: BTreeMap::new(),
@@ -611,6 +616,12 @@ fn json<T: Serialize + ?Sized>(v: &T) -> Result<serde_json::Value> {
 pub async fn run(config: Config, opts: Options) -> Result<()> {
     // Rights first: nothing (not even the socket) may be touched by a process that cannot run.
     require_root()?;
+    // Before anything that takes time: until a handler exists, SIGHUP or SIGUSR1 (a `systemctl
+    // reload` during a start) would end the process by default, which systemd counts as a
+    // clean exit and does not restart. Signals that arrive during the start wait for the loop.
+    let sig = |k| signal(k).map_err(Error::io("installing signal handlers"));
+    let (mut term, mut int, mut hup, mut usr1) =
+        (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?, sig(SignalKind::user_defined1())?);
     let socket_path = config.socket.clone();
     let listener = server::bind(&socket_path)?;
     let started = async {
@@ -636,9 +647,6 @@ pub async fn run(config: Config, opts: Options) -> Result<()> {
         tokio::spawn(metrics::serve(l, requests))
     });
 
-    let sig = |k| signal(k).map_err(Error::io("installing signal handlers"));
-    let (mut term, mut int, mut hup, mut usr1) =
-        (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?, sig(SignalKind::user_defined1())?);
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "ready");

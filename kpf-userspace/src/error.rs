@@ -14,6 +14,10 @@ pub enum Error {
     #[error("{0}")]
     Environment(String),
 
+    /// Nothing listens on the control socket (no such file, or a stale one).
+    #[error("kpf is not running (nothing answers on {}): start it with `kpf run`, or pass --socket", .0.display())]
+    NotRunning(PathBuf),
+
     #[error("interface {0:?} does not exist")]
     NoSuchInterface(String),
 

@@ -12,7 +12,7 @@
 
 use std::{
     ffi::CString,
-    os::unix::ffi::OsStrExt,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
 
@@ -102,8 +102,33 @@ impl PinDir {
     }
 
     /// Whether a previous daemon left state here.
-    pub fn exists(&self) -> bool {
-        self.recorded_layout().ok().flatten().is_some()
+    pub fn exists(&self) -> Result<bool> {
+        Ok(self.recorded_layout()?.is_some())
+    }
+
+    /// Takes the directory's lock, which a daemon holds for as long as it runs (the kernel drops
+    /// it when the process ends, however it ends): two daemons converging the same maps to
+    /// different configs, or `kpf down` unpinning a daemon it cannot reach, would each break
+    /// forwarding. `Ok(None)`: the directory does not exist.
+    pub fn lock(&self) -> Result<Option<PinLock>> {
+        let dir = match std::fs::File::open(&self.root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", self.root.display()))(e)),
+        };
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(Error::Environment(format!(
+                    "a kpf daemon is running on {} (it holds the directory's lock): stop it, reach it \
+                     with its own --socket or --config, or give another daemon its own `pin_dir`",
+                    self.root.display()
+                )));
+            }
+            return Err(Error::io(format!("locking {}", self.root.display()))(e));
+        }
+        Ok(Some(PinLock(dir)))
     }
 
     /// Makes sure the directory is on a bpffs (mounting one on the directory if its filesystem
@@ -190,6 +215,10 @@ impl PinDir {
         Ok(removed)
     }
 }
+
+/// A pin directory's lock ([`PinDir::lock`]), held until dropped.
+#[derive(Debug)]
+pub struct PinLock(#[allow(dead_code)] std::fs::File);
 
 /// Detaches the link pinned at `path` now, before its pin goes. Removing the pin only drops a
 /// reference, and the kernel releases an unreferenced link later, from a work queue: until then

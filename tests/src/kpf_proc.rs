@@ -159,6 +159,9 @@ pub struct Launch {
     pub ready_timeout: Duration,
     /// `RUST_LOG` for kpf (`None`: inherited).
     pub rust_log: Option<String>,
+    /// Called with kpf's pid once it is spawned, before waiting for `ready` (to act on a
+    /// starting daemon).
+    pub on_spawn: Option<fn(u32, &Launch)>,
 }
 
 impl Launch {
@@ -171,6 +174,7 @@ impl Launch {
             mode: None,
             ready_timeout: READY_TIMEOUT,
             rust_log: Some("info".into()),
+            on_spawn: None,
         }
     }
 }
@@ -256,6 +260,7 @@ impl Kpf {
             mode: Some(mode),
             ready_timeout,
             rust_log: None,
+            on_spawn: None,
         };
         Kpf::spawn(gateway, launch, Some(dir))
     }
@@ -269,7 +274,8 @@ impl Kpf {
     }
 
     fn spawn(gateway: &Netns, launch: Launch, dir: Option<PathBuf>) -> io::Result<Kpf> {
-        let Launch { binary, config_path, socket, mode, ready_timeout, rust_log } = launch;
+        let hook = launch.on_spawn.map(|f| (f, launch.clone()));
+        let Launch { binary, config_path, socket, mode, ready_timeout, rust_log, .. } = launch;
         let binary = binary.as_path();
         let remove_dir = || {
             if let Some(d) = &dir {
@@ -329,6 +335,9 @@ impl Kpf {
             },
         ];
         let mut kpf = Kpf { binary: binary.to_owned(), child: Some(child), log, readers, dir, config_path, socket };
+        if let (Some((f, launch)), Some(pid)) = (hook, kpf.pid()) {
+            f(pid, &launch);
+        }
 
         match ready_rx.recv_timeout(ready_timeout) {
             Ok(()) => Ok(kpf),

@@ -14,9 +14,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
+    process::Stdio,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
@@ -1198,6 +1199,54 @@ fn bad_input_changes_nothing() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let stale_env = KpfCli::new(s.cli.binary(), &stale);
     check("a stale socket file", stale_env.run(&["map", "add", "9096", &b2]).unwrap(), &["kpf is not running"]);
+    // `kpf down` unpins by itself only when nothing answers: not when it may not reach the
+    // daemon (the socket is root-only), nor when a daemon that answers on another socket holds
+    // the pin directory.
+    check(
+        "down by uid 65534 (0600 socket)",
+        s.cli.run_as(65534, &["down", "--pin-dir", s.pins.path().to_str().unwrap()]).unwrap(),
+        &["the control socket is root-only"],
+    );
+    check(
+        "down on a socket nobody answers, the daemon running on the pin directory",
+        s.cli.run(&["down", "--socket", nowhere.to_str().unwrap(), "--pin-dir", s.pins.path().to_str().unwrap()]).unwrap(),
+        &["a kpf daemon is running on", &s.pins.path().display().to_string()],
+    );
+    // Nor does a second daemon start on the pin directory (it would converge the same maps to
+    // its own config): refused before it changes anything, and its socket is gone.
+    let second = dir.join("second.toml");
+    let second_socket = dir.join("second.sock");
+    std::fs::write(
+        &second,
+        std::fs::read_to_string(&s.config_path).unwrap().replace(
+            &format!("socket = {:?}", s.socket.display().to_string()),
+            &format!("socket = {:?}", second_socket.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let mut run = s.topo.gateway.command(s.cli.binary());
+    run.args(["run", "--config", second.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = run.spawn().unwrap();
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    let refused = status.is_some_and(|st| !st.success());
+    if !refused || !err.contains("a kpf daemon is running on") || second_socket.exists() || s.snapshot() != before {
+        failures.borrow_mut().push(format!("a second daemon on the pin directory: {status:?} (None: still running), {err}"));
+    } else {
+        eprintln!("  rejected a second daemon on the pin directory: {}", err.trim_end());
+    }
     // --socket wins over KPF_SOCKET.
     let listed =
         stale_env.ok(&["map", "ls", "--socket", s.socket.to_str().unwrap()]).expect("--socket overrides KPF_SOCKET");
@@ -1245,13 +1294,21 @@ fn bad_input_changes_nothing() {
     eprintln!("  total: {:.2?}", total.elapsed());
 }
 
+/// Sends SIGHUP to a starting kpf once its control socket exists (it binds the socket before
+/// the slow part of its start).
+fn hup_once_bound(pid: u32, launch: &Launch) {
+    wait_for(SOON, "kpf to bind its control socket", || launch.socket.exists().then_some(()));
+    // SAFETY: a signal to the process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0, "SIGHUP to kpf");
+}
+
 /// SIGHUP re-reads the edited file; `kpf apply --dry-run` shows a plan and changes nothing;
 /// `kpf apply` converges to the file and writes it back.
 #[test]
 fn sighup_and_apply() {
     let Some(_serial) = begin("sighup_and_apply") else { return };
     let total = Instant::now();
-    let s = Setup::new(&initial());
+    let mut s = Setup::new(&initial());
     let pins = s.pins.path().to_owned();
 
     // The write-back keeps the file's mode.
@@ -1335,6 +1392,23 @@ fn sighup_and_apply() {
     // Applying the same file again is a no-op.
     let again = s.cli.ok(&["apply", "-f", other_s]).unwrap();
     assert_eq!(again.trim(), "no changes");
+
+    // A SIGHUP while kpf starts (a `systemctl reload` right after a restart) waits for the start
+    // rather than ending the process, which SIGHUP's default action would, and which systemd
+    // counts as a clean exit and does not restart. This start is slow: a backend whose next hop
+    // never resolves keeps it waiting 3 s.
+    let stopped = s.kpf.take().unwrap().terminate();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let mut slow = other.clone();
+    slow.insert(9098, SocketAddrV4::new(Ipv4Addr::new(10, 100, 0, 99), BACKEND_PORT));
+    std::fs::write(&s.config_path, config_text(&pins, &s.socket, &slow)).unwrap();
+    let launch = Launch { on_spawn: Some(hup_once_bound), ..Launch::new(&kpf_binary().unwrap(), &s.config_path, &s.socket) };
+    let kpf = Kpf::launch(&s.topo.gateway, launch).expect("kpf survives a SIGHUP while it starts");
+    s.pids.extend(kpf.pid());
+    s.kpf = Some(kpf);
+    wait_for(SOON, "the SIGHUP to be handled", || s.kpf().log().contains("SIGHUP: config re-read").then_some(()));
+    assert_eq!(s.map_ls(), slow);
+    assert_eq!(s.who(9094).unwrap(), "b3");
     assert_clean_counters(&s.status());
     s.finish();
     eprintln!("  total: {:.2?}", total.elapsed());

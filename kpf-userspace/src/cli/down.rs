@@ -32,10 +32,15 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             println!("kpf down: daemon detached and removed {n} pinned object(s)");
             Ok(())
         }
-        Err(kpf::Error::Rejected(e)) => Err(anyhow::anyhow!(e)),
-        Err(_not_running) => {
+        // Only when nothing listens on the socket: any other failure (no permission, a daemon
+        // that does not answer in time) may hide a running daemon, whose dataplane this would
+        // pull out from under it.
+        Err(kpf::Error::NotRunning(_)) => {
             let pins = PinDir::new(&args.pin_dir);
-            if !pins.exists() {
+            // Held while unpinning, so no daemon starts on the directory meanwhile; refused if a
+            // daemon that answers on another socket holds it.
+            let lock = pins.lock()?;
+            if lock.is_none() || !pins.exists()? {
                 println!(
                     "kpf down: nothing to do: no daemon answers on {} and nothing is pinned in {}",
                     args.socket.socket.display(),
@@ -47,5 +52,6 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             println!("kpf down: no daemon running; removed {} pinned object(s) from {}", removed.len(), args.pin_dir.display());
             Ok(())
         }
+        Err(e) => Err(e.into()),
     }
 }
