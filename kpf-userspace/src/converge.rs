@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use kpf_common::{Backend, Direction, FlowKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_TABLES, tcp};
+use kpf_common::{Backend, Frontend, FrontendKey, MAX_BACKENDS, MAX_FRONTENDS, MAX_TABLES};
 
 use crate::{
     config::{CheckKind, Config, FrontendConfig, Health, WhenAllUnhealthy},
@@ -112,9 +112,8 @@ impl Daemon {
         let allow_now = self.dp.allow_entries()?;
 
         for (key, fe) in &current {
-            if reset.contains(key) {
-                self.reset_where(|f| f.frontend_id == fe.id)?;
-            }
+            // A removed frontend goes before its connections are reset: a client that reconnects
+            // at once on the RST must not open a new connection (one no reset ends) meanwhile.
             if !wanted.contains_key(key) {
                 self.dp.remove_frontend(*key)?;
                 for (id, net, bits) in &allow_now {
@@ -123,6 +122,9 @@ impl Daemon {
                     }
                 }
                 self.pools.remove(key);
+            }
+            if reset.contains(key) {
+                self.reset_where(|f| f.frontend_id == fe.id)?;
             }
         }
         let mut used: HashSet<u32> = current.iter().filter(|(k, _)| wanted.contains_key(k)).map(|(_, f)| f.id).collect();
@@ -289,30 +291,8 @@ impl Daemon {
     /// Ends every connection whose entry matches: both conntrack entries go, then an RST goes to
     /// each side of a connection that was still open. Returns how many connections were ended.
     pub(crate) fn reset_where(&mut self, matches: impl Fn(&kpf_common::Flow) -> bool) -> Result<usize> {
-        let all: HashMap<FlowKey, kpf_common::Flow> = self.dp.flows()?.into_iter().collect();
-        let sender = reset::Sender::new()?;
-        let mut ended = 0;
-        for (key, f) in &all {
-            if f.direction != Direction::Original as u8 || !matches(f) {
-                continue;
-            }
-            let reply_key = FlowKey::reply_of(&f.nat);
-            let reply = all.get(&reply_key);
-            self.dp.remove_flow(key)?;
-            self.dp.remove_flow(&reply_key)?;
-            ended += 1;
-            let open = tcp::State::from_u8(f.state).is_some_and(|s| !s.reusable());
-            if let (true, Some(r)) = (open, reply) {
-                // Toward the client the backend's next sequence number; toward the backend, the
-                // client's.
-                for (toward, seq) in [(r, r.next_seq), (f, f.next_seq)] {
-                    if let Err(e) = sender.reset(toward, seq) {
-                        log::warn!("RST for {}: {e}", loader::endpoint(key.src_addr, key.src_port));
-                    }
-                }
-            }
-        }
-        Ok(ended)
+        let all = crate::gc::snapshot(&self.dp)?;
+        reset::end_where(&mut self.dp, &all, matches, &reset::Sender::new()?)
     }
 
     /// Resets the connections of backends whose drain deadline has passed.

@@ -9,9 +9,14 @@
 
 use std::{mem, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
 
-use kpf_common::{Flow, csum};
+use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use kpf_common::{Direction, Flow, FlowKey, csum, tcp};
+
+use crate::{
+    error::{Error, Result},
+    loader::{self, Dataplane},
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -51,6 +56,42 @@ pub fn frame(flow: &Flow, seq: u32) -> Vec<u8> {
     let c = csum::transport(src, dst, kpf_common::IPPROTO_TCP, tcp, 16);
     tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     f
+}
+
+/// Ends every connection of `flows` (a walk of both tables) whose Original entry matches: both
+/// its entries go, then an RST goes to each side if it was still open. Returns how many ended.
+/// Each entry is read again just before it goes: since the walk, a new connection may have taken
+/// the client's 4-tuple or the SNAT port, and its entries are not this one's to end (a
+/// connection's two entries share their creation time).
+pub fn end_where(
+    dp: &mut Dataplane,
+    flows: &HashMap<FlowKey, Flow>,
+    matches: impl Fn(&Flow) -> bool,
+    sender: &Sender,
+) -> Result<usize> {
+    let mut ended = 0;
+    for (key, f) in flows {
+        if f.direction != Direction::Original as u8 || !matches(f) {
+            continue;
+        }
+        if !dp.remove_flow_if(key, |now| now.created_ns == f.created_ns && now.nat == f.nat)? {
+            continue;
+        }
+        let reply_key = FlowKey::reply_of(&f.nat);
+        dp.remove_flow_if(&reply_key, |now| now.created_ns == f.created_ns && FlowKey::reply_of(&now.nat) == *key)?;
+        ended += 1;
+        let open = tcp::State::from_u8(f.state).is_some_and(|s| !s.reusable());
+        if let (true, Some(r)) = (open, flows.get(&reply_key)) {
+            // Toward the client the backend's next sequence number; toward the backend, the
+            // client's.
+            for (toward, seq) in [(r, r.next_seq), (f, f.next_seq)] {
+                if let Err(e) = sender.reset(toward, seq) {
+                    log::warn!("RST for {}: {e}", loader::endpoint(key.src_addr, key.src_port));
+                }
+            }
+        }
+    }
+    Ok(ended)
 }
 
 /// A raw socket for sending frames out of an interface, bypassing routing.

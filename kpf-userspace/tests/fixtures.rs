@@ -4,7 +4,7 @@
 mod fixture_support;
 
 use fixture_support::{ACK, Action, Attach, Check, Conn, Fixture, MAX_FLOWS, PSH, SYN, Topology, fixtures, handshake};
-use kpf::gc;
+use kpf::{gc, reset};
 use kpf_common::{Counter, FlowKey};
 use kpf_common::tcp::State;
 use kpf_tests::serial::is_root;
@@ -114,6 +114,51 @@ fn dropped_interfaces_are_no_redirect_target() {
         assert_eq!(out.action, Action::Drop as u32, "a SYN out of x0, no longer registered");
         assert_eq!(h.dp.counter(Counter::DropEgressNotAttached).expect("reading the counter"), 1);
         assert_eq!(h.dp.retain_ifaces(&[c0, b0].into()).expect("retain_ifaces"), Vec::<u32>::new());
+    })
+    .expect("running in the gateway namespace");
+}
+
+/// Ending a frontend's or backend's connections (`map rm --reset`, a drain's deadline) walks the
+/// tables, then removes what matched; a connection that took one of those keys in between (here:
+/// a SYN reopening an expired 4-tuple) is not one of them and keeps its entries.
+#[test]
+fn reset_spares_a_key_reused_after_its_walk() {
+    let Some(topo) = topology() else { return };
+    topo.run(|h| {
+        let c = Conn::to_a("G", 50210);
+        let c0 = h.ifaces.c0;
+        let mut timeouts = h.config.timeouts_ns;
+        timeouts[State::SynSent as usize] = 0;
+        h.config.timeouts_ns = timeouts;
+        h.dp.set_kernel_config(&h.config).expect("setting the timeouts");
+        let out = h.run_packet(c0, 0, &c.c2f(SYN).bytes(), 1).expect("the first SYN");
+        assert_eq!(out.action, Action::Redirect as u32);
+        let first = h.dp.flow(&c.client_key()).unwrap().expect("the first SYN's entry");
+        while h.dp.now_ns().expect("reading the dataplane's clock") <= first.last_seen_ns {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let walked = gc::snapshot(&h.dp).expect("walking the tables");
+        assert!(walked.contains_key(&c.client_key()));
+
+        let out = h.run_packet(c0, 0, &c.c2f(SYN).with(|p| p.seq = 9_000_000).bytes(), 1).expect("the second SYN");
+        assert_eq!(out.action, Action::Redirect as u32, "a SYN on the expired 4-tuple opens it again");
+        let reopened = h.dp.flow(&c.client_key()).unwrap().expect("the reopened connection's entry");
+        assert_ne!(reopened.created_ns, first.created_ns, "the entry under the key is the new connection's");
+
+        let sender = reset::Sender::new().expect("a raw socket for RSTs");
+        let frontend = first.frontend_id;
+        let ended = reset::end_where(&mut h.dp, &walked, |f| f.frontend_id == frontend, &sender).expect("ending");
+        assert_eq!(ended, 0, "the walked connection is gone; the one under its key now is another");
+        let kept = h.dp.flow(&c.client_key()).unwrap();
+        assert_eq!(kept.map(|f| f.next_seq), Some(9_000_001), "the reopened connection lost its entry");
+        assert!(h.dp.flow(&FlowKey::reply_of(&reopened.nat)).unwrap().is_some(), "its reply entry is gone");
+
+        // Walked again, it is ended, both entries.
+        let walked = gc::snapshot(&h.dp).expect("walking the tables");
+        let ended = reset::end_where(&mut h.dp, &walked, |f| f.frontend_id == frontend, &sender).expect("ending");
+        assert_eq!(ended, 1);
+        assert!(h.dp.flow(&c.client_key()).unwrap().is_none(), "its original entry is still there");
+        assert!(h.dp.flow(&FlowKey::reply_of(&reopened.nat)).unwrap().is_none(), "its reply entry is still there");
     })
     .expect("running in the gateway namespace");
 }
