@@ -5,17 +5,37 @@ use crate::{
     error::{Error, Result},
 };
 
-fn read(key: &str) -> Result<String> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    std::fs::read_to_string(&path).map(|s| s.trim().to_owned()).map_err(Error::io(format!("reading {key}")))
+/// A setting by its path components under /proc/sys: an interface name may hold dots
+/// (`eth0.100`), so the dotted name cannot be split again.
+#[derive(Clone, Copy)]
+struct Key<'a>(&'a [&'a str]);
+
+impl Key<'_> {
+    fn path(&self) -> String {
+        format!("/proc/sys/{}", self.0.join("/"))
+    }
 }
 
-fn write(key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    std::fs::write(&path, value).map_err(Error::io(format!("setting {key} = {value}")))?;
+/// As sysctl(8) spells it: components joined by dots, a dot within one written as a slash.
+impl std::fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|p| p.replace('.', "/")).collect();
+        f.write_str(&parts.join("."))
+    }
+}
+
+fn read(key: Key) -> Result<String> {
+    std::fs::read_to_string(key.path()).map(|s| s.trim().to_owned()).map_err(Error::io(format!("reading {key}")))
+}
+
+fn write(key: Key, value: &str) -> Result<()> {
+    std::fs::write(key.path(), value).map_err(Error::io(format!("setting {key} = {value}")))?;
     log::info!("set {key} = {value}");
     Ok(())
 }
+
+const LOCAL_PORT_RANGE: Key = Key(&["net", "ipv4", "ip_local_port_range"]);
+const RESERVED_PORTS: Key = Key(&["net", "ipv4", "ip_local_reserved_ports"]);
 
 /// Parses `ip_local_reserved_ports` syntax: `"8080,40000-59999"`.
 fn parse_port_list(s: &str) -> Vec<PortRange> {
@@ -47,7 +67,7 @@ fn clashing_ports(snat: PortRange, local: PortRange, reserved: &[PortRange]) -> 
 }
 
 fn local_port_range() -> Result<PortRange> {
-    let text = read("net.ipv4.ip_local_port_range")?;
+    let text = read(LOCAL_PORT_RANGE)?;
     let mut it = text.split_whitespace().map(str::parse::<u16>);
     match (it.next(), it.next()) {
         (Some(Ok(min)), Some(Ok(max))) => Ok(PortRange { min, max }),
@@ -59,13 +79,13 @@ fn local_port_range() -> Result<PortRange> {
 /// forwarded one could share a source port toward the same backend.
 pub fn ensure_snat_ports(snat: PortRange, manage: bool) -> Result<()> {
     let local = local_port_range()?;
-    let reserved_text = read("net.ipv4.ip_local_reserved_ports")?;
+    let reserved_text = read(RESERVED_PORTS)?;
     let Some(clash) = clashing_ports(snat, local, &parse_port_list(&reserved_text)) else {
         return Ok(());
     };
     if manage {
         let value = if reserved_text.is_empty() { snat.to_string() } else { format!("{reserved_text},{snat}") };
-        return write("net.ipv4.ip_local_reserved_ports", &value);
+        return write(RESERVED_PORTS, &value);
     }
     Err(Error::Environment(format!(
         "snat_ports {snat} overlaps the kernel's ephemeral ports (net.ipv4.ip_local_port_range = {}-{}) at {clash}; \
@@ -77,12 +97,13 @@ pub fn ensure_snat_ports(snat: PortRange, manage: bool) -> Result<()> {
 
 /// bpf_fib_lookup refuses to route for an interface that does not forward.
 pub fn ensure_forwarding(iface: &str, manage: bool) -> Result<()> {
-    let key = format!("net.ipv4.conf.{iface}.forwarding");
-    if read(&key)? == "1" {
+    let parts = ["net", "ipv4", "conf", iface, "forwarding"];
+    let key = Key(&parts);
+    if read(key)? == "1" {
         return Ok(());
     }
     if manage {
-        return write(&key, "1");
+        return write(key, "1");
     }
     Err(Error::Environment(format!(
         "IPv4 forwarding is off on {iface}; kpf's in-kernel route lookups need it: \
@@ -96,6 +117,15 @@ mod tests {
 
     fn r(min: u16, max: u16) -> PortRange {
         PortRange { min, max }
+    }
+
+    #[test]
+    fn an_interface_name_with_a_dot_is_one_component() {
+        let parts = ["net", "ipv4", "conf", "eth0.100", "forwarding"];
+        assert_eq!(Key(&parts).path(), "/proc/sys/net/ipv4/conf/eth0.100/forwarding");
+        assert_eq!(Key(&parts).to_string(), "net.ipv4.conf.eth0/100.forwarding");
+        assert_eq!(RESERVED_PORTS.path(), "/proc/sys/net/ipv4/ip_local_reserved_ports");
+        assert_eq!(RESERVED_PORTS.to_string(), "net.ipv4.ip_local_reserved_ports");
     }
 
     #[test]
