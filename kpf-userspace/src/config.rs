@@ -701,17 +701,28 @@ pub fn check_frontends(frontends: &[FrontendConfig], snat_ports: PortRange) -> R
             }
         }
     }
-    let pools = frontends.iter().filter(|f| f.backends.len() > 1).count() as u32;
-    if pools > kpf_common::MAX_TABLES / 2 {
-        return problem(0, Field::Backends, format!("{pools} frontends have several backends; at most {}", kpf_common::MAX_TABLES / 2));
+    // The limits of the kernel's maps, each named at the first frontend past it.
+    if frontends.len() > kpf_common::MAX_FRONTENDS as usize {
+        let n = kpf_common::MAX_FRONTENDS as usize;
+        return problem(n, Field::Port, format!("{} frontends; at most {n}", frontends.len()));
     }
-    let distinct: HashSet<Backend> = frontends.iter().flat_map(|f| f.backends.iter().map(|b| b.addr)).collect();
-    if distinct.len() as u32 > kpf_common::MAX_BACKENDS {
-        return problem(0, Field::Backends, format!("{} distinct backends; at most {}", distinct.len(), kpf_common::MAX_BACKENDS));
-    }
-    let allows: usize = frontends.iter().map(|f| f.allow.len()).sum();
-    if allows as u32 > kpf_common::MAX_ALLOW {
-        return problem(0, Field::Port, format!("{allows} allowlist entries; at most {}", kpf_common::MAX_ALLOW));
+    let (mut pools, mut distinct, mut allows) = (0u32, HashSet::<Backend>::new(), 0u32);
+    for (n, f) in frontends.iter().enumerate() {
+        pools += u32::from(f.backends.len() > 1);
+        if pools > kpf_common::MAX_TABLES / 2 {
+            let most = kpf_common::MAX_TABLES / 2;
+            return problem(n, Field::Backends, format!("more than {most} frontends have several backends; at most {most}"));
+        }
+        distinct.extend(f.backends.iter().map(|b| b.addr));
+        if distinct.len() as u32 > kpf_common::MAX_BACKENDS {
+            let most = kpf_common::MAX_BACKENDS;
+            return problem(n, Field::Backends, format!("more than {most} distinct backends; at most {most}"));
+        }
+        allows += f.allow.len() as u32;
+        if allows > kpf_common::MAX_ALLOW {
+            let most = kpf_common::MAX_ALLOW;
+            return problem(n, Field::Port, format!("more than {most} allowlist entries; at most {most}"));
+        }
     }
     // A backend that is itself a frontend would loop through the gateway.
     for (n, f) in frontends.iter().enumerate() {
@@ -794,6 +805,31 @@ when_all_unhealthy = "reject"
 
     fn err(text: &str) -> String {
         Config::parse(text, "kpf.toml").unwrap_err().to_string()
+    }
+
+    /// The maps' limits, each reported at the first frontend past it (not frontend #1).
+    #[test]
+    fn limits_name_the_first_frontend_past_them() {
+        let many = |n: usize, backends: &dyn Fn(usize) -> String| {
+            let mut t = String::from("interface = \"eth0\"\nsnat_ports = \"61000-65000\"\n");
+            for i in 0..n {
+                t += &format!("[[frontend]]\nport = {}\nbackends = [{}]\n", 1 + i, backends(i));
+            }
+            t
+        };
+        let one = |i: usize| format!("\"10.64.{}.{}:39092\"", i / 250, 1 + i % 250);
+        let max = kpf_common::MAX_FRONTENDS as usize;
+        assert!(Config::parse(&many(max, &one), "kpf.toml").is_ok());
+        let e = err(&many(max + 1, &one));
+        assert!(e.contains(&format!("{} frontends; at most {max}", max + 1)), "{e}");
+        assert!(e.contains(&format!("frontend #{}:", max + 1)), "{e}");
+
+        let pools = (kpf_common::MAX_TABLES / 2) as usize;
+        let two = |_| "\"10.64.0.1:39092\", \"10.64.0.2:39092\"".to_string();
+        assert!(Config::parse(&many(pools, &two), "kpf.toml").is_ok());
+        let e = err(&many(pools + 1, &two));
+        assert!(e.contains(&format!("more than {pools} frontends have several backends")), "{e}");
+        assert!(e.contains(&format!("frontend #{}:", pools + 1)), "{e}");
     }
 
     #[test]

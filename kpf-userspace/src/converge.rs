@@ -128,7 +128,10 @@ impl Daemon {
             }
         }
         let mut used: HashSet<u32> = current.iter().filter(|(k, _)| wanted.contains_key(k)).map(|(_, f)| f.id).collect();
-        for (key, f) in &wanted {
+        // Frontends that give up their pool first, so one that needs a pool may take it.
+        let mut order: Vec<(&FrontendKey, &&FrontendConfig)> = wanted.iter().collect();
+        order.sort_by_key(|(key, f)| !(f.backends.len() == 1 && self.pools.contains_key(key)));
+        for (key, f) in order {
             let id = match current.get(key) {
                 Some(old) => old.id,
                 None => {
@@ -235,6 +238,9 @@ impl Daemon {
         }
         if f.backends.len() == 1 {
             fe.target = entry(&f.backends[0].addr.0).id;
+            // No longer a pool (the caller writes this value before anything else could take
+            // the pool's tables).
+            self.pools.remove(key);
             return Ok(fe);
         }
         let open = |healthy_only: bool| -> Vec<Candidate> {

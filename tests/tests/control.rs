@@ -1413,3 +1413,33 @@ fn sighup_and_apply() {
     s.finish();
     eprintln!("  total: {:.2?}", total.elapsed());
 }
+
+/// A frontend that goes from several backends to one gives its pool back: with every pool in
+/// use, another frontend may then take it.
+#[test]
+fn a_pool_given_up_can_be_taken() {
+    let Some(_serial) = begin("a_pool_given_up_can_be_taken") else { return };
+    let s = Setup::new(&initial());
+    let pools = 128;
+    let pair = format!("\"{}\", \"{}\"", s.backend(0), s.backend(1));
+    let with = |frontends: &[(u16, &str)]| {
+        let mut t = config_text(s.pins.path(), &s.socket, &BTreeMap::new());
+        for (port, backends) in frontends {
+            t += &format!("\n[[frontend]]\nport = {port}\nbackends = [{backends}]\n");
+        }
+        let path = s.dir.0.join("pools.toml");
+        std::fs::write(&path, t).unwrap();
+        s.cli.run(&["apply", "-f", path.to_str().unwrap()]).unwrap()
+    };
+    let mut frontends: Vec<(u16, &str)> = (0..pools).map(|i| (10_001 + i, pair.as_str())).collect();
+    let out = with(&frontends);
+    assert!(out.success(), "every pool in use:\n{out}");
+    let single = format!("\"{}\"", s.backend(2));
+    frontends[0].1 = &single;
+    frontends.push((10_001 + pools, pair.as_str()));
+    let out = with(&frontends);
+    assert!(out.success(), "10001 down to one backend, 10129 a new pool:\n{out}");
+    assert_eq!(s.who(10_001).unwrap(), "b3");
+    assert!(["b1", "b2"].contains(&s.who(10_001 + pools).unwrap().as_str()));
+    s.finish();
+}
