@@ -299,8 +299,16 @@ impl Active<'_> {
             Guard::Kpf(kpf) => {
                 let stopped = kpf.stop();
                 out.kpf_counters = kpf_proc::counters(&stopped.log);
-                if !stopped.status.success() || stopped.killed {
-                    bail!("kpf did not stop cleanly ({}); its log:\n{}", stopped.status, stopped.log);
+                // A failed `kpf down` leaves the program attached (the kernel may release it only
+                // later), so the next path could run through it: not a clean stop either.
+                if !stopped.is_clean() {
+                    bail!(
+                        "kpf did not stop cleanly ({}{}{}); its log:\n{}",
+                        stopped.status,
+                        if stopped.killed { ", killed" } else { "" },
+                        stopped.down_failed.as_deref().map(|d| format!(", {d}")).unwrap_or_default(),
+                        stopped.log
+                    );
                 }
                 if let Some(c) = &out.kpf_counters {
                     let drops: Vec<String> = c

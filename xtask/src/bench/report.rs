@@ -276,10 +276,14 @@ fn markdown(r: &Results) -> String {
          path of a group (re-read at each path's start and compared). Paths are only compared within \
          their group. **Offloads off** (the paths without a suffix): endpoints compute and verify \
          checksums in software (tx/rx checksum offload off, hence no TSO), because native veth XDP \
-         loses CHECKSUM_PARTIAL. **Offloads on** (the `-offload` paths): the endpoints send with \
-         checksum and segmentation offload, as Linux hosts normally do (64 KB CHECKSUM_PARTIAL GSO \
-         aggregates), and still verify what they receive in software. In both, the gateway \
-         interfaces and bridge ports keep `rx off` so nothing on the way marks a packet as verified.\n"
+         loses CHECKSUM_PARTIAL. HAProxy is the exception there: it sends from the gateway's own \
+         sockets, and the gateway's interfaces keep their transmit offloads (the same for every \
+         path), so its packets leave as 64 KB aggregates whose checksum no one on veth computes or \
+         verifies. **Offloads on** (the `-offload` paths): the endpoints send with checksum and \
+         segmentation offload, as Linux hosts normally do (64 KB CHECKSUM_PARTIAL GSO aggregates); \
+         on veth such a packet's checksum is never filled in, and receivers trust it whichever \
+         path carried it. In both, the gateway interfaces and bridge ports keep `rx off` so nothing \
+         on the way marks a packet as verified that was not sent that way.\n"
     );
     let groups = [("offloads off", Some(&r.settings)), ("offloads on", r.settings_offloads.as_ref())];
     for (name, settings) in groups {

@@ -111,6 +111,12 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
         ] {
             let (Some(c), Some(b)) = (p.case(id), p.case(base)) else { continue };
             let ns = c.summary.median;
+            // The issue asks for the program's own cost, measured next to an empty program: what
+            // the empty one costs is the test run's loop (the call into the program and its
+            // return), which a driver pays per packet whatever program it runs. Judged on each
+            // trial's difference (both ran in it), free of the machine's drift between trials.
+            let own_ns: Vec<f64> = c.ns.iter().zip(&b.ns).map(|(k, e)| k - e).collect();
+            let Some(own) = summarize(&own_ns) else { continue };
             // The floor program makes the same map operations and helper calls with no other
             // work: with these operations no code could go below it on this machine; above it is
             // kpf's own code. The two ran in the same trials, so each trial's difference is free
@@ -134,11 +140,14 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
                 goal: goal.into(),
                 path: None,
                 measured: format!(
-                    "{ns:.1} ns per run as the kernel reports it ({:.1} ns more than the empty program's {:.1} ns){floor}",
-                    ns - b.summary.median,
+                    "{:.1} ns [{:.1} to {:.1}] more than the empty program per trial ({ns:.1} ns per run as the \
+                     kernel reports it, the empty program {:.1} ns){floor}",
+                    own.median,
+                    own.min,
+                    own.max,
                     b.summary.median
                 ),
-                met: Some(ns <= limit),
+                met: Some(own.median <= limit),
             });
         }
     }
