@@ -118,6 +118,45 @@ fn dropped_interfaces_are_no_redirect_target() {
     .expect("running in the gateway namespace");
 }
 
+/// What [`walk_then_reopen`] leaves: the tables as walked, and the two connections on one 4-tuple.
+struct Reopened {
+    timeouts: [u64; kpf_common::tcp::STATE_COUNT],
+    /// The dataplane's clock after the first connection expired.
+    now: u64,
+    first: kpf_common::Flow,
+    walked: std::collections::HashMap<FlowKey, kpf_common::Flow>,
+    reopened: kpf_common::Flow,
+}
+
+/// Opens `c` (SYN only, with no SYN-sent timeout), walks the tables once it has expired, then
+/// reopens its 4-tuple with another SYN: the walk holds a connection whose key is now another's.
+fn walk_then_reopen(h: &mut fixture_support::Harness, c: &Conn) -> Reopened {
+    let c0 = h.ifaces.c0;
+    let mut timeouts = h.config.timeouts_ns;
+    timeouts[State::SynSent as usize] = 0;
+    h.config.timeouts_ns = timeouts;
+    h.dp.set_kernel_config(&h.config).expect("setting the timeouts");
+    let out = h.run_packet(c0, 0, &c.c2f(SYN).bytes(), 1).expect("the first SYN");
+    assert_eq!(out.action, Action::Redirect as u32);
+    // Past a tick of the dataplane's clock, so the connection has expired.
+    let first = h.dp.flow(&c.client_key()).unwrap().expect("the first SYN's entry");
+    let now = loop {
+        let now = h.dp.now_ns().expect("reading the dataplane's clock");
+        if now > first.last_seen_ns {
+            break now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let walked = gc::snapshot(&h.dp).expect("walking the tables");
+    assert!(walked.contains_key(&c.client_key()));
+
+    let out = h.run_packet(c0, 0, &c.c2f(SYN).with(|p| p.seq = 9_000_000).bytes(), 1).expect("the second SYN");
+    assert_eq!(out.action, Action::Redirect as u32, "a SYN on the expired 4-tuple opens it again");
+    let reopened = h.dp.flow(&c.client_key()).unwrap().expect("the reopened connection's entry");
+    assert!(reopened.created_ns >= now, "the entry under the key is the new connection's");
+    Reopened { timeouts, now, first, walked, reopened }
+}
+
 /// Ending a frontend's or backend's connections (`map rm --reset`, a drain's deadline) walks the
 /// tables, then removes what matched; a connection that took one of those keys in between (here:
 /// a SYN reopening an expired 4-tuple) is not one of them and keeps its entries.
@@ -126,25 +165,7 @@ fn reset_spares_a_key_reused_after_its_walk() {
     let Some(topo) = topology() else { return };
     topo.run(|h| {
         let c = Conn::to_a("G", 50210);
-        let c0 = h.ifaces.c0;
-        let mut timeouts = h.config.timeouts_ns;
-        timeouts[State::SynSent as usize] = 0;
-        h.config.timeouts_ns = timeouts;
-        h.dp.set_kernel_config(&h.config).expect("setting the timeouts");
-        let out = h.run_packet(c0, 0, &c.c2f(SYN).bytes(), 1).expect("the first SYN");
-        assert_eq!(out.action, Action::Redirect as u32);
-        let first = h.dp.flow(&c.client_key()).unwrap().expect("the first SYN's entry");
-        while h.dp.now_ns().expect("reading the dataplane's clock") <= first.last_seen_ns {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let walked = gc::snapshot(&h.dp).expect("walking the tables");
-        assert!(walked.contains_key(&c.client_key()));
-
-        let out = h.run_packet(c0, 0, &c.c2f(SYN).with(|p| p.seq = 9_000_000).bytes(), 1).expect("the second SYN");
-        assert_eq!(out.action, Action::Redirect as u32, "a SYN on the expired 4-tuple opens it again");
-        let reopened = h.dp.flow(&c.client_key()).unwrap().expect("the reopened connection's entry");
-        assert_ne!(reopened.created_ns, first.created_ns, "the entry under the key is the new connection's");
-
+        let Reopened { first, walked, reopened, .. } = walk_then_reopen(h, &c);
         let sender = reset::Sender::new().expect("a raw socket for RSTs");
         let frontend = first.frontend_id;
         let ended = reset::end_where(&mut h.dp, &walked, |f| f.frontend_id == frontend, &sender).expect("ending");
@@ -170,30 +191,7 @@ fn gc_spares_a_key_reused_after_its_walk() {
     let Some(topo) = topology() else { return };
     topo.run(|h| {
         let c = Conn::to_a("G", 50200);
-        let c0 = h.ifaces.c0;
-        let mut timeouts = h.config.timeouts_ns;
-        timeouts[State::SynSent as usize] = 0;
-        h.config.timeouts_ns = timeouts;
-        h.dp.set_kernel_config(&h.config).expect("setting the timeouts");
-        let out = h.run_packet(c0, 0, &c.c2f(SYN).bytes(), 1).expect("the first SYN");
-        assert_eq!(out.action, Action::Redirect as u32);
-        // Past a tick of the dataplane's clock, so the connection has expired.
-        let first = h.dp.flow(&c.client_key()).unwrap().expect("the first SYN's entry");
-        let now = loop {
-            let now = h.dp.now_ns().expect("reading the dataplane's clock");
-            if now > first.last_seen_ns {
-                break now;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        };
-        let walked = gc::snapshot(&h.dp).expect("walking the tables");
-        assert!(walked.contains_key(&c.client_key()));
-
-        let out = h.run_packet(c0, 0, &c.c2f(SYN).with(|p| p.seq = 9_000_000).bytes(), 1).expect("the second SYN");
-        assert_eq!(out.action, Action::Redirect as u32, "a SYN on the expired 4-tuple opens it again");
-        let reopened = h.dp.flow(&c.client_key()).unwrap().expect("the reopened connection's entry");
-        assert!(reopened.created_ns >= now, "the entry under the key is the new connection's");
-
+        let Reopened { timeouts, now, walked, reopened, .. } = walk_then_reopen(h, &c);
         let removed = gc::sweep(&mut h.dp, &walked, &timeouts, now).expect("the sweep");
         assert_eq!(removed, 0, "nothing the walk saw expired is still there");
         let kept = h.dp.flow(&c.client_key()).unwrap();
