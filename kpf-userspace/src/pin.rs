@@ -12,7 +12,10 @@
 
 use std::{
     ffi::CString,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -231,7 +234,6 @@ pub fn detach_link(path: &Path) {
 }
 
 fn try_detach_link(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
     let bpf = |cmd: libc::c_long, attr: &mut [u64; 3]| {

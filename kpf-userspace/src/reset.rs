@@ -7,9 +7,11 @@
 //! entry any more and reaches the gateway's kernel, which has no such socket and answers with an
 //! RST carrying exactly the right number. Either way the connection ends promptly.
 
-use std::{mem, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
-
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    mem,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use kpf_common::{Direction, Flow, FlowKey, csum, tcp};
 

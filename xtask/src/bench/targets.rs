@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::{
     progcost::ProgCost,
-    results::{PathResult, summarize},
+    results::{PathResult, Summary, summarize},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -115,16 +115,14 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
             // the empty one costs is the test run's loop (the call into the program and its
             // return), which a driver pays per packet whatever program it runs. Judged on each
             // trial's difference (both ran in it), free of the machine's drift between trials.
-            let own_ns: Vec<f64> = c.ns.iter().zip(&b.ns).map(|(k, e)| k - e).collect();
-            let Some(own) = summarize(&own_ns) else { continue };
+            let Some(own) = per_trial_excess(&c.ns, &b.ns) else { continue };
             // The floor program makes the same map operations and helper calls with no other
             // work: with these operations no code could go below it on this machine; above it is
             // kpf's own code. The two ran in the same trials, so each trial's difference is free
             // of the machine's drift between trials, which the two medians are not.
             let floor = match p.case(&format!("floor-{id}")) {
                 Some(f) => {
-                    let own: Vec<f64> = c.ns.iter().zip(&f.ns).map(|(k, f)| k - f).collect();
-                    let own = summarize(&own).map_or_else(
+                    let own = per_trial_excess(&c.ns, &f.ns).map_or_else(
                         || "n/a".into(),
                         |o| format!("{:+.1} ns [{:+.1} to {:+.1}] (per trial)", o.median, o.min, o.max),
                     );
@@ -152,4 +150,10 @@ pub fn evaluate(paths: &[PathResult], prog: Option<&ProgCost>) -> Vec<Target> {
         }
     }
     out
+}
+
+/// How much `a` exceeded `b` in each trial (both measured in every trial, in order), summarised.
+fn per_trial_excess(a: &[f64], b: &[f64]) -> Option<Summary> {
+    let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+    summarize(&d)
 }
