@@ -6,6 +6,7 @@ use crate::nat::Nat;
 /// Map names as they appear in the object file and under the pin directory.
 pub mod names {
     pub const PROGRAM: &str = "kpf";
+    pub const GENERIC_PROGRAM: &str = "kpf_generic";
     pub const TC_PROGRAM: &str = "kpf_tc";
     /// Reports the dataplane's clock (see `Config::tick_ns`) when test-run.
     pub const CLOCK_PROGRAM: &str = "kpf_clock";
@@ -244,10 +245,12 @@ impl AllowKey {
     }
 }
 
-/// Facts about an attached interface the program needs per packet.
+/// An attached interface. Its presence is what the tc program checks before redirecting to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceInfo {
+    /// Recorded at attach, not read by this version's programs: an earlier version's generic XDP
+    /// program compared packet lengths with it, and may still be attached during a restart.
     pub mtu: u32,
 }
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 4);
@@ -268,9 +271,9 @@ pub struct Config {
     /// Bumped by the daemon whenever a route or neighbour toward a backend changes: flows whose
     /// cached next hop is from an older generation look it up again.
     pub fib_gen: u32,
-    /// The smallest MTU among attached interfaces: an IPv4 packet longer than this may be a
-    /// GRO/GSO aggregate, whose TCP checksum is a CHECKSUM_PARTIAL pseudo-header sum.
-    pub min_mtu: u32,
+    /// Unused. Held the smallest MTU of the attached interfaces, which generic XDP once told
+    /// GRO aggregates by; kept so that the layout (and a hitless restart from that version) stays.
+    pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 8 * crate::tcp::STATE_COUNT + 16);
 
@@ -282,7 +285,7 @@ impl Default for Config {
             snat_port_max: 59999,
             tick_ns: 0,
             fib_gen: 0,
-            min_mtu: 1500,
+            _reserved: 0,
         }
     }
 }

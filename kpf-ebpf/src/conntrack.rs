@@ -252,7 +252,7 @@ fn established<C: Frame>(
     // its next hop only in a refresh after a routing change, which a packet of the same
     // connection on another CPU can race with (as it could with a copy): that packet leaves by
     // the old next hop or with a mix of old and new MAC addresses, once.
-    match ctx.forward(pkt, &flow.nat, &flow.next_hop, cfg) {
+    match ctx.forward(pkt, &flow.nat, &flow.next_hop) {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);
@@ -461,5 +461,5 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     stats::count(Counter::NewFlows);
     stats::traffic(fe.id, backend_id, pkt.ip_len as u64, true);
 
-    ctx.forward(pkt, &f.nat, &f.next_hop, cfg)
+    ctx.forward(pkt, &f.nat, &f.next_hop)
 }

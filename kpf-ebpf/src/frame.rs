@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use kpf_common::{
-    Config, Counter, NextHop,
+    Counter, NextHop,
     nat::{self, L4Csum, Nat},
 };
 use network_types::eth::EthHdr;
@@ -41,7 +41,7 @@ pub trait Frame {
 
     /// Rewrites `pkt` per `nat` (addresses, ports, every checksum, MACs) and sends it toward `nh`.
     /// The last thing done with the packet: afterwards no pointer into it may be used.
-    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter>;
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop) -> Result<u32, Counter>;
 
     /// Sends a frame whose IP and transport headers are already rewritten (checksums included).
     fn send_frame(&self, eth: *mut EthHdr, nh: &NextHop) -> Result<u32, Counter>;
@@ -70,33 +70,53 @@ fn set_macs(eth: *mut EthHdr, nh: &NextHop) {
     eth.dst_addr = nh.dst_mac;
 }
 
-impl Frame for XdpContext {
+/// An XDP context, and what its frames are: native XDP (`SKB = false`) sees frames straight from
+/// a driver, generic XDP (`SKB = true`) sees socket buffers. The two programs differ only in how
+/// they read the TCP checksum field (see [`Xdp::l4_csum`]).
+pub struct Xdp<const SKB: bool>(pub XdpContext);
+
+impl<const SKB: bool> Xdp<SKB> {
+    /// A driver's frame came off a wire, or from a peer that completed its checksum: complete
+    /// (see README, "Checksums"). A socket buffer may be CHECKSUM_PARTIAL, whose field holds the
+    /// pseudo-header sum: the field itself tells which (`nat::skb_l4_csum`).
+    #[inline(always)]
+    fn l4_csum(pkt: &Packet, check: u16) -> L4Csum {
+        if !SKB {
+            return L4Csum::Full;
+        }
+        // SAFETY: parse bounds-checked the IPv4 header.
+        let ihl = unsafe { (*pkt.ip).vihl } & 0x0f;
+        nat::skb_l4_csum(check, pkt.key.src_addr, pkt.key.dst_addr, pkt.ip_len - ihl as u16 * 4)
+    }
+}
+
+impl<const SKB: bool> Frame for Xdp<SKB> {
     const PASS: u32 = xdp_action::XDP_PASS;
     const DROP: u32 = xdp_action::XDP_DROP;
 
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        self.0.data()
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        self.0.data_end()
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
-        XdpContext::data_end(self) - XdpContext::data(self)
+        self.0.data_end() - self.0.data()
     }
 
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
-        XdpContext::ingress_ifindex(self) as u32
+        self.0.ingress_ifindex() as u32
     }
 
     #[inline(always)]
     fn as_ptr(&self) -> *mut core::ffi::c_void {
-        EbpfContext::as_ptr(self)
+        self.0.as_ptr()
     }
 
     #[inline(always)]
@@ -105,13 +125,13 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, cfg: &Config) -> Result<u32, Counter> {
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop) -> Result<u32, Counter> {
         rewrite_fields(pkt, nat);
         let tcp = pkt.tcp as *mut u8;
         // SAFETY: parse bounds-checked the TCP header.
         unsafe {
             let check = load16::<{ at::TCP_CHECK }>(tcp);
-            store16::<{ at::TCP_CHECK }>(tcp, nat::tcp_check(nat, check, xdp_l4_csum(self, pkt.ip_len, cfg)));
+            store16::<{ at::TCP_CHECK }>(tcp, nat::tcp_check(nat, check, Self::l4_csum(pkt, check)));
         }
         self.send_frame(pkt.eth, nh)
     }
@@ -124,23 +144,6 @@ impl Frame for XdpContext {
             return Ok(xdp_action::XDP_TX);
         }
         DEVMAP.redirect(nh.ifindex, 0).map_err(|_| Counter::DropRedirectFailed)
-    }
-}
-
-/// How to read an XDP frame's TCP checksum. An IPv4 packet longer than its interface's MTU can
-/// only be a GRO/GSO aggregate (generic XDP sees those), whose TCP checksum field is a
-/// CHECKSUM_PARTIAL pseudo-header sum. Anything that fits the MTU came off a wire with a complete
-/// checksum (see README, "Checksums").
-#[inline(always)]
-fn xdp_l4_csum(ctx: &XdpContext, ip_len: u16, cfg: &Config) -> L4Csum {
-    if (ip_len as u32) <= cfg.min_mtu {
-        return L4Csum::Full;
-    }
-    let ifindex = Frame::ingress_ifindex(ctx);
-    // SAFETY: IfaceInfo is plain data.
-    match unsafe { IFACES.get(ifindex) } {
-        Some(i) if ip_len as u32 > i.mtu => L4Csum::Partial,
-        _ => L4Csum::Full,
     }
 }
 
@@ -194,7 +197,7 @@ impl Frame for TcContext {
     /// aggregate has) and keeps a CHECKSUM_COMPLETE skb->csum right: the pseudo-header delta
     /// (addresses) and the port delta are applied separately for that reason.
     #[inline(always)]
-    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop, _cfg: &Config) -> Result<u32, Counter> {
+    fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop) -> Result<u32, Counter> {
         let check_at = (pkt.tcp as usize - Frame::data(self) + at::TCP_CHECK as usize) as u32;
         rewrite_fields(pkt, nat);
         set_macs(pkt.eth, nh);

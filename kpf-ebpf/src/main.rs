@@ -1,5 +1,5 @@
-//! kpf's programs: stateful full NAT from mapped frontend ports to backends, at XDP (`kpf`) or
-//! at tc ingress (`kpf_tc`), the same code behind [`frame::Frame`].
+//! kpf's programs: stateful full NAT from mapped frontend ports to backends, at XDP (`kpf`
+//! native, `kpf_generic`) or at tc ingress (`kpf_tc`), the same code behind [`frame::Frame`].
 //!
 //! Per packet: parse (parse.rs), find the connection (conntrack.rs) or open one for a SYN to a
 //! mapped frontend, rewrite addresses, ports, checksums and MACs (kpf_common::nat, frame.rs), and
@@ -26,9 +26,18 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
+/// Native XDP: frames from the driver.
 #[xdp]
 pub fn kpf(ctx: XdpContext) -> u32 {
-    match conntrack::handle(&ctx) {
+    match conntrack::handle(&frame::Xdp::<false>(ctx)) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// Generic XDP: socket buffers, GRO aggregates and locally sent segments among them.
+#[xdp]
+pub fn kpf_generic(ctx: XdpContext) -> u32 {
+    match conntrack::handle(&frame::Xdp::<true>(ctx)) {
         Ok(action) | Err(action) => action,
     }
 }

@@ -31,7 +31,7 @@ use crate::{
     converge::BackendEntry,
     error::{Error, Result},
     gc, health,
-    loader::{self, Attached, Dataplane},
+    loader::{self, AttachMode, Attached, Dataplane},
     metrics, neigh,
     pin::{PinDir, PinLock},
     plan::{self, Plan},
@@ -256,6 +256,21 @@ impl Daemon {
                 ),
             }
         }
+        if d.dp.attachments().len() > 1 {
+            for a in d.dp.attachments().iter().filter(|a| a.mode == AttachMode::Generic) {
+                match loader::gro_enabled(&a.iface) {
+                    Ok(false) => {}
+                    Ok(true) => log::warn!(
+                        "{}: GRO is on, and generic XDP cannot redirect a GRO aggregate to another interface \
+                         (the kernel drops packets longer than that interface's MTU there), so bulk transfers \
+                         stall: turn it off (`ethtool -K {} gro off`) or use tc mode",
+                        a.iface,
+                        a.iface
+                    ),
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+        }
         let configured: HashSet<u32> = d.dp.attachments().iter().map(|a| a.ifindex).collect();
         for (ifindex, _) in d.pins.pinned_links()? {
             if !configured.contains(&ifindex) {
@@ -266,7 +281,6 @@ impl Daemon {
         for ifindex in d.dp.retain_ifaces(&configured)? {
             log::info!("interface #{ifindex} is no longer a redirect target");
         }
-        d.kernel.min_mtu = d.dp.min_mtu()?;
         if adopting {
             // A next hop may have moved while no daemon watched: adopted connections look
             // their routes up once more (one that fails keeps what it had).

@@ -1,7 +1,12 @@
 //! Loads kpf's programs (XDP, and tc for interfaces attached in tc mode), attaches them, and
 //! reads and writes their maps.
 
-use std::{ffi::CString, net::Ipv4Addr, path::Path};
+use std::{
+    ffi::CString,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd},
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -140,6 +145,40 @@ fn iface_mtu(iface: &str) -> Result<u32> {
         .map_err(|e| Error::Environment(format!("{path} holds {:?}: {e}", text.trim())))
 }
 
+/// Whether generic receive offload is on for `iface` (ETHTOOL_GGRO).
+pub fn gro_enabled(iface: &str) -> Result<bool> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let err = |e: std::io::Error| Error::Environment(format!("reading {iface}'s GRO setting: {e}"));
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(Error::Environment(format!("interface name {iface:?} is too long")));
+    }
+    let mut value = EthtoolValue { cmd: ETHTOOL_GGRO, data: 0 };
+    // SAFETY: a zeroed ifreq is valid; the name fits with its terminating zero (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &b) in req.ifr_name.iter_mut().zip(name) {
+        *dst = b as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: plain socket call; the descriptor is owned (and closed) at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL with an ifreq pointing at a live ethtool_value, for the call only.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(value.data != 0)
+}
+
 impl Dataplane {
     /// Loads the program with room for `max_flows` connections (two conntrack entries each).
     pub fn load(max_flows: u32) -> Result<Self> {
@@ -193,8 +232,22 @@ impl Dataplane {
         Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
     }
 
+    /// The native XDP program (loaded with the object).
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
         Ok(self.object_program_mut(names::PROGRAM)?.try_into()?)
+    }
+
+    /// The XDP program for mode `m`: native, or generic, which reads checksums the way socket
+    /// buffers carry them and is loaded into the kernel on first use.
+    pub fn xdp_program_mut(&mut self, m: AttachMode) -> Result<&mut Xdp> {
+        if m != AttachMode::Generic {
+            return self.program_mut();
+        }
+        let p: &mut Xdp = self.object_program_mut(names::GENERIC_PROGRAM)?.try_into()?;
+        if p.fd().is_err() {
+            p.load()?;
+        }
+        Ok(p)
     }
 
     /// The tc program, loaded into the kernel on first use (most gateways never need it).
@@ -282,7 +335,7 @@ impl Dataplane {
     fn attach_xdp(&mut self, iface: &str, ifindex: u32, m: AttachMode) -> Result<FdLink> {
         let mode = if m == AttachMode::Native { XdpMode::Driver } else { XdpMode::Skb };
         let attach_err = |source| Error::Attach { iface: iface.to_owned(), mode: m.as_str(), source };
-        let p = self.program_mut()?;
+        let p = self.xdp_program_mut(m)?;
         let id = p.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
         FdLink::try_from(p.take_link(id).map_err(attach_err)?).map_err(|e| {
             Error::Environment(format!("{iface}: the kernel attached XDP without a BPF link ({e}); kpf needs Linux ≥ 5.9"))
@@ -320,7 +373,7 @@ impl Dataplane {
             } else {
                 let link = XdpLink::try_from(FdLink::from(pinned))
                     .map_err(|e| Error::Environment(format!("pinned link {} is not an XDP link: {e}", path.display())))?;
-                self.program_mut()?.attach_to_link(link)?;
+                self.xdp_program_mut(m)?.attach_to_link(link)?;
             }
             self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: m });
             // A switch between XDP and tc interrupted after its first half left a second link.
@@ -400,16 +453,6 @@ impl Dataplane {
             let _ = ifaces.remove(&ifindex);
         }
         Ok(gone)
-    }
-
-    pub fn min_mtu(&self) -> Result<u32> {
-        let ifaces: HashMap<&MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
-        let mut min = u32::MAX;
-        for item in ifaces.iter() {
-            let (_, info) = item.map_err(Error::map(names::IFACES))?;
-            min = min.min(info.mtu);
-        }
-        Ok(if min == u32::MAX { 1500 } else { min })
     }
 
     fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(&'a self, name: &'static str) -> Result<T> {

@@ -1,4 +1,4 @@
-//! kpf's programs (XDP and tc) against a table of input frames and expected outputs, through
+//! kpf's programs (native XDP, generic XDP and tc) against a table of input frames and expected outputs, through
 //! BPF_PROG_TEST_RUN (see `fixture_support` for the table and the harness). Needs root.
 
 mod fixture_support;
@@ -12,6 +12,13 @@ use kpf_tests::serial::is_root;
 #[test]
 fn fixture_table() {
     table_through(Attach::Xdp);
+}
+
+/// The same table through the generic XDP program: the same results, and it also rewrites the
+/// CHECKSUM_PARTIAL fixtures, which only socket buffers carry.
+#[test]
+fn fixture_table_generic() {
+    table_through(Attach::XdpGeneric);
 }
 
 /// The same table through the tc program: the same verdicts, outputs, counters and conntrack

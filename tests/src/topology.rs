@@ -57,6 +57,8 @@ pub trait Topology {
     fn gateway_interfaces(&self) -> &[&'static str];
     /// Every namespace of this topology (for cleanup checks).
     fn namespaces(&self) -> Vec<&Netns>;
+    /// The switch, and its ports facing endpoints (client or backends).
+    fn endpoint_ports(&self) -> (&Netns, Vec<String>);
 }
 
 /// Backend identities, in order.
@@ -74,13 +76,40 @@ pub(crate) fn endpoint(ns: &Netns, dev: &str) -> io::Result<()> {
 
 /// Makes the endpoints send as Linux hosts normally do, with checksum and segmentation offload:
 /// their segments reach the gateway as CHECKSUM_PARTIAL GSO aggregates (up to 64 KB, checksum
-/// field holding only the pseudo-header sum), which is what kpf's tc mode has to handle. The
-/// gateway's interfaces get `tx off`, so everything the gateway forwards has its checksums
-/// completed, and is segmented, in software on the way out, from what kpf left in the packet;
-/// the receivers keep `rx off` and verify every checksum. Not for XDP: native veth XDP loses
-/// CHECKSUM_PARTIAL (see `endpoint`).
+/// field holding only the pseudo-header sum), which is what kpf's tc and generic XDP modes have
+/// to handle. The gateway's interfaces get `tx off`, so everything the gateway forwards has its
+/// checksums completed, and is segmented, in software on the way out, from what kpf left in the
+/// packet; the receivers keep `rx off` and verify every checksum. Not for native XDP: veth XDP
+/// loses CHECKSUM_PARTIAL (see `endpoint`).
 pub fn sender_offloads(topo: &impl Topology) -> io::Result<()> {
     endpoint_tx_offloads(topo, true)?;
+    gateway_tx_off(topo)
+}
+
+/// As [`sender_offloads`], but the senders leave only their checksums to offload, and segment
+/// themselves: every segment is CHECKSUM_PARTIAL and none is larger than the MTU.
+pub fn sender_checksum_offload(topo: &impl Topology) -> io::Result<()> {
+    for ns in std::iter::once(topo.client()).chain(topo.backends()) {
+        ns.ethtool_k("eth0", &["tx", "on", "tso", "off", "gso", "off"])?;
+    }
+    gateway_tx_off(topo)
+}
+
+/// Makes the switch complete, in software, the checksum of every packet it delivers to an
+/// endpoint (`tx off` on the endpoints' ports), so that the receiver verifies it. For generic XDP:
+/// it sends with the driver's transmit directly (`generic_xdp_tx`), past the stack's software
+/// checksum for a `tx off` gateway interface, and a receiver takes a CHECKSUM_PARTIAL packet as
+/// verified, so without this nobody would check what kpf left in such a packet's checksum field.
+/// (TwoNic's client is not behind the switch: only the packets to the backends are checked there.)
+pub fn switch_completes_checksums(topo: &impl Topology) -> io::Result<()> {
+    let (sw, ports) = topo.endpoint_ports();
+    for port in &ports {
+        sw.ethtool_k(port, &["tx", "off"])?;
+    }
+    Ok(())
+}
+
+fn gateway_tx_off(topo: &impl Topology) -> io::Result<()> {
     for dev in topo.gateway_interfaces() {
         topo.gateway().ethtool_k(dev, &["tx", "off"])?;
     }
@@ -221,6 +250,9 @@ impl Topology for OneNic {
         v.extend(&self.backends);
         v
     }
+    fn endpoint_ports(&self) -> (&Netns, Vec<String>) {
+        (&self.switch, ["cl"].iter().chain(&BACKEND_NAMES).map(|n| format!("p-{n}")).collect())
+    }
 }
 
 /// Two gateway interfaces: the client on 10.100.1.0/24 straight on eth0, the backends on
@@ -310,5 +342,8 @@ impl Topology for TwoNic {
         let mut v = vec![&self.switch, &self.gateway, &self.client];
         v.extend(&self.backends);
         v
+    }
+    fn endpoint_ports(&self) -> (&Netns, Vec<String>) {
+        (&self.switch, BACKEND_NAMES.iter().map(|n| format!("p-{n}")).collect())
     }
 }
