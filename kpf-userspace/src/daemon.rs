@@ -564,9 +564,10 @@ impl Daemon {
                 let i = self.find(address, port)?;
                 let mut desired = self.config.clone();
                 desired.frontends.remove(i);
-                let reset: HashSet<FrontendKey> =
+                let keys: HashSet<FrontendKey> =
                     if reset { [loader::frontend_key(address, port)].into() } else { HashSet::new() };
-                json(&self.change(desired, &reset)?)
+                let plan = self.change(desired, &keys)?;
+                json(&if reset { plan.with_resets() } else { plan })
             }
             Request::Apply { config, name, dry_run } => {
                 let desired = self.validated(Config::parse(&config, &name)?)?;

@@ -12,8 +12,14 @@ use crate::config::{Config, FrontendConfig};
 pub enum Change {
     /// A new frontend: serves new connections at once.
     Add { frontend: String, backend: String },
-    /// A frontend goes: no new connections; existing ones finish (or are reset).
-    Remove { frontend: String, backend: String },
+    /// A frontend goes: no new connections; existing ones finish, or are reset (`map rm --reset`).
+    Remove {
+        frontend: String,
+        backend: String,
+        /// Absent from a plan an earlier kpf sent: false.
+        #[serde(default)]
+        reset: bool,
+    },
     /// New connections go to the new backend; existing ones stay where they are until they close.
     Set { frontend: String, from: String, to: String },
     /// A run-time setting the kernel picks up at once (timeouts, SNAT range).
@@ -30,6 +36,16 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+    }
+
+    /// Marks the removals as ending their connections with a reset.
+    pub fn with_resets(mut self) -> Self {
+        for c in &mut self.changes {
+            if let Change::Remove { reset, .. } = c {
+                *reset = true;
+            }
+        }
+        self
     }
 }
 
@@ -48,7 +64,7 @@ pub fn plan(live: &Config, desired: &Config) -> Plan {
     let mut changes = Vec::new();
     for f in &live.frontends {
         match desired.frontend(f.address, f.port) {
-            None => changes.push(Change::Remove { frontend: f.label(), backend: backends(f) }),
+            None => changes.push(Change::Remove { frontend: f.label(), backend: backends(f), reset: false }),
             Some(d) if d != f => {
                 changes.push(Change::Set { frontend: f.label(), from: backends(f), to: backends(d) })
             }
@@ -90,7 +106,10 @@ impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Change::Add { frontend, backend } => write!(f, "+ {frontend} -> {backend}"),
-            Change::Remove { frontend, backend } => write!(f, "- {frontend} -> {backend} (existing connections finish)"),
+            Change::Remove { frontend, backend, reset } => {
+                let then = if *reset { "reset" } else { "finish" };
+                write!(f, "- {frontend} -> {backend} (existing connections {then})")
+            }
             Change::Set { frontend, from, to } => {
                 write!(f, "~ {frontend} -> {to} (was {from}; existing connections stay on {from})")
             }
@@ -135,7 +154,9 @@ mod tests {
         );
         let p = plan(&live, &desired);
         let text = p.to_string();
-        assert!(p.changes.contains(&Change::Remove { frontend: "*:9095".into(), backend: "10.0.0.4:39092".into() }), "{text}");
+        let removed = Change::Remove { frontend: "*:9095".into(), backend: "10.0.0.4:39092".into(), reset: false };
+        assert!(p.changes.contains(&removed), "{text}");
+        assert!(text.contains("- *:9095 -> 10.0.0.4:39092 (existing connections finish)"), "{text}");
         assert!(p.changes.contains(&Change::Add { frontend: "*:9096".into(), backend: "10.0.0.5:39092".into() }), "{text}");
         assert!(
             p.changes.contains(&Change::Set {
@@ -149,5 +170,16 @@ mod tests {
         assert!(p.changes.iter().any(|c| matches!(c, Change::NeedsRestart { name, .. } if name == "mode")), "{text}");
         assert_eq!(p.changes.len(), 5, "{text}");
         assert!(plan(&live, &live).is_empty());
+    }
+
+    #[test]
+    fn a_removal_with_reset_says_so() {
+        let live = cfg("", &[(9093, "10.0.0.2:39092"), (9095, "10.0.0.4:39092")]);
+        let desired = cfg("", &[(9093, "10.0.0.2:39092")]);
+        let text = plan(&live, &desired).with_resets().to_string();
+        assert_eq!(text.trim(), "- *:9095 -> 10.0.0.4:39092 (existing connections reset)");
+        // What a kpf without the field sent reads as a plain removal.
+        let old: Change = serde_json::from_str(r#"{"change":"remove","frontend":"*:9095","backend":"b"}"#).unwrap();
+        assert_eq!(old, Change::Remove { frontend: "*:9095".into(), backend: "b".into(), reset: false });
     }
 }

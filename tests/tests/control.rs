@@ -1006,7 +1006,8 @@ fn rm_drains_and_reset_resets() {
     let mine = conn.local_addr().to_string();
     let tracked = |flows: Vec<Value>| flows.iter().any(|f| f["client"].as_str() == Some(mine.as_str()));
     assert!(tracked(s.flows(Some(9095))), "kpf flows lists the connection");
-    s.cli.ok(&["map", "rm", "9095", "--reset"]).expect("kpf map rm 9095 --reset");
+    let said = s.cli.ok(&["map", "rm", "9095", "--reset"]).expect("kpf map rm 9095 --reset");
+    assert!(said.contains("9095") && said.contains("(existing connections reset)"), "map rm --reset says: {said}");
     assert!(!tracked(s.flows(Some(9095))), "--reset deletes the connection's conntrack entries");
     conn.set_timeout(Duration::from_secs(5)).unwrap();
     let start = Instant::now();
