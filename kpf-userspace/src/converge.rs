@@ -232,12 +232,15 @@ impl Daemon {
     fn frontend_value(&mut self, key: &FrontendKey, f: &FrontendConfig, id: u32, old: Option<&Frontend>) -> Result<Frontend> {
         let entry = |a: &SocketAddrV4| self.backends.get(a).expect("converge_backends registered every backend");
         let mut fe = Frontend { id, ..Frontend::default() };
-        let any_healthy = f.backends.iter().any(|b| b.weight > 0 && entry(&b.addr.0).health.healthy);
-        if !any_healthy && f.when_all_unhealthy == WhenAllUnhealthy::Reject {
-            fe.flags |= Frontend::REJECT;
-        }
+        let reject = f.when_all_unhealthy == WhenAllUnhealthy::Reject;
         if f.backends.len() == 1 {
-            fe.target = entry(&f.backends[0].addr.0).id;
+            // A lone backend that is draining is refused with an RST by the dataplane, healthy or
+            // not: only its health decides here.
+            let (b, e) = (&f.backends[0], entry(&f.backends[0].addr.0));
+            if reject && !(b.weight > 0 && e.health.healthy) {
+                fe.flags |= Frontend::REJECT;
+            }
+            fe.target = e.id;
             // No longer a pool (the caller writes this value before anything else could take
             // the pool's tables).
             self.pools.remove(key);
@@ -253,9 +256,12 @@ impl Daemon {
                 .map(|b| Candidate { addr: b.addr.0, id: entry(&b.addr.0).id, weight: b.weight })
                 .collect()
         };
-        // Fail open: with no healthy backend, every backend not being drained stays eligible.
+        // With no healthy backend that takes new connections (a draining one takes none): reject,
+        // or fail open, to every backend not being drained.
         let mut table = maglev::build(&open(true));
-        if table.is_empty() {
+        if table.is_empty() && reject {
+            fe.flags |= Frontend::REJECT;
+        } else if table.is_empty() {
             table = maglev::build(&open(false));
         }
         if table.is_empty() {

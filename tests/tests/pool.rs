@@ -341,6 +341,39 @@ fn unhealthy_backend_leaves_and_rejoins() {
     eprintln!("  total: {:.2?}", t0.elapsed());
 }
 
+/// `when_all_unhealthy = "reject"` counts only the backends that take new connections: with
+/// one backend unhealthy and the other (healthy) draining, new connections are dropped, not sent
+/// to the unhealthy one; undraining lifts that.
+#[test]
+fn reject_counts_only_backends_taking_connections() {
+    let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
+    let t0 = Instant::now();
+    const PORT: u16 = 9100;
+    let health = "[health]\ncheck = \"tcp\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
+    let extra = format!("[[frontend]]\nport = {PORT}\nbackends = [\"{B1}\", \"{B2}\"]\nwhen_all_unhealthy = \"reject\"\n");
+    let mut pool = Pool::new(&config("", health, &extra));
+    let fe = pool.fe(PORT);
+
+    pool.servers[1] = None;
+    poll(Duration::from_secs(15), "b2 marked unhealthy", || (!flag(backend(&pool.status(), B2), "healthy")).then_some(()));
+    assert_eq!(tally(&pool.client(|| who_many(fe, 10))).get("b1"), Some(&10), "b1 takes every connection while b2 is down");
+
+    pool.kpf.cli(&["backend", "drain", B1, "--timeout", "300s"]).expect("kpf backend drain");
+    let before = counter(&pool.status(), "drop_no_healthy_backend");
+    let refused = pool.client(|| Ok(TcpStream::connect_timeout(&SocketAddr::V4(fe), Duration::from_secs(1))));
+    let err = refused.expect_err("no backend takes new connections: b1 drains, b2 is unhealthy");
+    // Sent to b2 instead, the SYN would be answered with an RST at once (connection refused).
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "the SYN is dropped: {err}");
+    assert!(counter(&pool.status(), "drop_no_healthy_backend") > before, "the drop is counted");
+
+    pool.kpf.cli(&["backend", "undrain", B1]).expect("kpf backend undrain");
+    assert_eq!(pool.client(|| peer::who(SocketAddr::V4(fe))), "b1", "undrained, b1 takes connections again");
+
+    epilogue(pool);
+    nothing_left();
+    eprintln!("  total: {:.2?}", t0.elapsed());
+}
+
 #[test]
 fn drain_moves_new_keeps_old_then_resets() {
     let Some(_serial) = kpf_tests::serial::begin(module_path!()) else { return };
