@@ -201,7 +201,9 @@ impl Frontend {
     pub const POOL: u16 = 1;
     /// New connections only from the sources in the allowlist trie.
     pub const ALLOWLIST: u16 = 2;
-    /// Every backend is unhealthy and the frontend is configured to reject rather than fail open.
+    /// Refuse new connections (drop the SYN, counted): no healthy backend takes new connections
+    /// and the frontend is configured to reject rather than fail open, or every backend of a pool
+    /// is draining.
     pub const REJECT: u16 = 4;
 }
 
