@@ -261,11 +261,10 @@ impl Daemon {
                 match loader::gro_enabled(&a.iface) {
                     Ok(false) => {}
                     Ok(true) => log::warn!(
-                        "{}: GRO is on, and generic XDP cannot redirect a GRO aggregate to another interface \
+                        "{iface}: GRO is on, and generic XDP cannot redirect a GRO aggregate to another interface \
                          (the kernel drops packets longer than that interface's MTU there), so bulk transfers \
-                         stall: turn it off (`ethtool -K {} gro off`) or use tc mode",
-                        a.iface,
-                        a.iface
+                         stall: turn it off (`ethtool -K {iface} gro off`) or use tc mode",
+                        iface = a.iface
                     ),
                     Err(e) => log::warn!("{e}"),
                 }
