@@ -206,8 +206,8 @@ impl Daemon {
 
         let adopting = pins.exists()?;
         let dp = Dataplane::load_pinned(config.max_flows, &pins)?;
-        // An adopted table keeps its routing generation and MTU (the generation moves on once at
-        // the end of the start, for next hops that changed while no daemon ran).
+        // An adopted table keeps its routing generation (which moves on once at the end of the
+        // start, for next hops that changed while no daemon ran).
         let previous = if adopting { dp.kernel_config().ok().filter(|k| k.snat_port_max != 0) } else { None };
         // The tick is always this machine's: Dataplane::set_kernel_config fills it in.
         let kernel = KernelConfig {
@@ -256,20 +256,7 @@ impl Daemon {
                 ),
             }
         }
-        if d.dp.attachments().len() > 1 {
-            for a in d.dp.attachments().iter().filter(|a| a.mode == AttachMode::Generic) {
-                match loader::gro_enabled(&a.iface) {
-                    Ok(false) => {}
-                    Ok(true) => log::warn!(
-                        "{iface}: GRO is on, and generic XDP cannot redirect a GRO aggregate to another interface \
-                         (the kernel drops packets longer than that interface's MTU there), so bulk transfers \
-                         stall: turn it off (`ethtool -K {iface} gro off`) or use tc mode",
-                        iface = a.iface
-                    ),
-                    Err(e) => log::warn!("{e}"),
-                }
-            }
-        }
+        warn_of_generic_gro(d.dp.attachments());
         let configured: HashSet<u32> = d.dp.attachments().iter().map(|a| a.ifindex).collect();
         for (ifindex, _) in d.pins.pinned_links()? {
             if !configured.contains(&ifindex) {
@@ -609,6 +596,27 @@ impl Daemon {
                 log::info!("down: unpinned {} object(s) from {}; detaching", removed.len(), self.pins.root().display());
                 json(&removed.len())
             }
+        }
+    }
+}
+
+/// Generic XDP cannot redirect a GRO aggregate to another interface (the kernel drops packets
+/// longer than that interface's MTU there): with more than one interface, each in generic mode
+/// with GRO on is named.
+fn warn_of_generic_gro(attachments: &[loader::Attachment]) {
+    if attachments.len() < 2 {
+        return;
+    }
+    for a in attachments.iter().filter(|a| a.mode == AttachMode::Generic) {
+        match loader::gro_enabled(&a.iface) {
+            Ok(false) => {}
+            Ok(true) => log::warn!(
+                "{iface}: GRO is on, and generic XDP cannot redirect a GRO aggregate to another interface \
+                 (the kernel drops packets longer than that interface's MTU there), so bulk transfers \
+                 stall: turn it off (`ethtool -K {iface} gro off`) or use tc mode",
+                iface = a.iface
+            ),
+            Err(e) => log::warn!("{e}"),
         }
     }
 }

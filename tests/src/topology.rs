@@ -89,9 +89,7 @@ pub fn sender_offloads(topo: &impl Topology) -> io::Result<()> {
 /// As [`sender_offloads`], but the senders leave only their checksums to offload, and segment
 /// themselves: every segment is CHECKSUM_PARTIAL and none is larger than the MTU.
 pub fn sender_checksum_offload(topo: &impl Topology) -> io::Result<()> {
-    for ns in std::iter::once(topo.client()).chain(topo.backends()) {
-        ns.ethtool_k("eth0", &["tx", "on", "tso", "off", "gso", "off"])?;
-    }
+    endpoints_ethtool(topo, &["tx", "on", "tso", "off", "gso", "off"])?;
     gateway_tx_off(topo)
 }
 
@@ -119,7 +117,11 @@ fn gateway_tx_off(topo: &impl Topology) -> io::Result<()> {
 /// Turns the endpoints' (client's and backends') transmit checksum and segmentation offload on or
 /// off. Receive checksumming stays off, so receivers verify every checksum either way.
 pub fn endpoint_tx_offloads(topo: &impl Topology, on: bool) -> io::Result<()> {
-    let features: &[&str] = if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] };
+    endpoints_ethtool(topo, if on { &["tx", "on", "tso", "on", "gso", "on"] } else { &["tx", "off"] })
+}
+
+/// `ethtool -K eth0 FEATURES` on the client and every backend.
+fn endpoints_ethtool(topo: &impl Topology, features: &[&str]) -> io::Result<()> {
     for ns in std::iter::once(topo.client()).chain(topo.backends()) {
         ns.ethtool_k("eth0", features)?;
     }
