@@ -148,8 +148,9 @@ pub struct Flow {
     pub frontend_id: u32,
     /// The backend this connection went to (index into the backends array and its stats).
     pub backend_id: u32,
-    /// The sequence number this direction's sender will use next, as last seen (host order):
-    /// what an RST toward the other side must carry to be accepted.
+    /// The highest sequence number this direction's sender has used, plus one (host order; see
+    /// [`crate::seq::track`]): what an RST toward the other side must carry to be accepted, and
+    /// what an RST or FIN from this side must be near to count.
     pub next_seq: u32,
     /// A [`crate::tcp::State`].
     pub state: u8,

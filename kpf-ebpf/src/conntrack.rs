@@ -204,15 +204,17 @@ fn established<C: Frame>(
     cfg: &Config,
     now: u64,
 ) -> u32 {
+    let seq = pkt.seq();
     if let Some(state) = State::from_u8(flow.state)
         && tcp::may_change(state, pkt.flags)
     {
         let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
-        if let Some(next) = advance(flow, dir, pkt.flags) {
+        let flags = kpf_common::seq::credible(pkt.flags, seq, pkt.payload as u32, flow.next_seq);
+        if let Some(next) = advance(flow, dir, flags) {
             let reply_key = FlowKey::reply_of(&flow.nat);
             if let Some(peer) = table.get_ptr_mut(&reply_key) {
                 // SAFETY: a live map value.
-                advance(unsafe { &mut *peer }, dir, pkt.flags);
+                advance(unsafe { &mut *peer }, dir, flags);
             }
             // Only the CPU whose update completed the handshake moves the connection.
             if core::ptr::eq(table, &HALF_OPEN) && next.handshake_done() {
@@ -245,7 +247,8 @@ fn established<C: Frame>(
     }
     flow.packets += 1;
     flow.bytes += pkt.ip_len as u64;
-    flow.next_seq = pkt.next_seq();
+    let handshaking = flow.state <= State::SynAcked as u8;
+    flow.next_seq = kpf_common::seq::track(flow.next_seq, seq, pkt.payload as u32, pkt.flags, handshaking);
     stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);
 
     // Read in place rather than copied to the stack first. A live entry's rewrite never changes;

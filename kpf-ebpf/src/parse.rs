@@ -63,12 +63,17 @@ pub enum Parsed {
 }
 
 impl Packet {
+    /// The segment's sequence number (host order).
+    #[inline(always)]
+    pub fn seq(&self) -> u32 {
+        // SAFETY: parse bounds-checked the TCP header.
+        u32::from_be(unsafe { load32::<{ at::TCP_SEQ }>(self.tcp as *const u8) })
+    }
+
     /// The sequence number the sender will use after this segment.
     #[inline(always)]
     pub fn next_seq(&self) -> u32 {
-        // SAFETY: parse bounds-checked the TCP header.
-        let seq = u32::from_be(unsafe { load32::<{ at::TCP_SEQ }>(self.tcp as *const u8) });
-        kpf_common::seq::next(seq, self.payload as u32, self.flags)
+        kpf_common::seq::next(self.seq(), self.payload as u32, self.flags)
     }
 }
 

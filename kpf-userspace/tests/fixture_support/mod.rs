@@ -662,6 +662,8 @@ pub enum Check {
     /// The connection holds the SNAT port one of these (ended or expired) connections held, and
     /// that one's two entries are gone.
     TookOver(Conn, Vec<Conn>),
+    /// The entry of this direction holds this `next_seq`.
+    NextSeq(Conn, Direction, u32),
 }
 
 pub struct Fixture {
@@ -1007,6 +1009,91 @@ pub fn fixtures() -> Vec<Fixture> {
             })
         })
         .check(Check::State(d, Reset)),
+    );
+
+    // ---- S: blind RSTs and FINs (a sender that knows the 4-tuple, not the sequence numbers) --
+    let sp = Conn::to_a("S", 50004);
+    handshake(&mut t, sp);
+    let far = 1u32 << 20;
+    t.push(
+        Fixture::client_segment("S: client data, 1000 bytes", sp, false, move |_| {
+            sp.c2f(PSH | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+                p.payload = vec![7; 1000];
+            })
+        })
+        .check(Check::NextSeq(sp, Direction::Original, 2001)),
+    );
+    t.push(
+        Fixture::client_segment("S: a retransmission of its first half does not pull next_seq back", sp, false, move |_| {
+            sp.c2f(PSH | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+                p.payload = vec![7; 500];
+            })
+        })
+        .check(Check::NextSeq(sp, Direction::Original, 2001)),
+    );
+    t.push(
+        Fixture::client_segment("S: a segment 1 MiB ahead is forwarded but does not move next_seq", sp, false, move |_| {
+            sp.c2f(PSH | ACK).with(|p| {
+                p.seq = 2001 + far;
+                p.ack = 5001;
+                p.payload = vec![7; 10];
+            })
+        })
+        .check(Check::NextSeq(sp, Direction::Original, 2001)),
+    );
+    t.push(
+        Fixture::client_segment("S: RST 1 MiB ahead of the client's data is forwarded but changes nothing", sp, false, move |_| {
+            sp.c2f(RST | ACK).with(|p| {
+                p.seq = 2001 + far;
+                p.ack = 5001;
+                p.tcp_options.clear();
+            })
+        })
+        .check(Check::State(sp, Established)),
+    );
+    t.push(
+        Fixture::backend_segment("S: RST 1 MiB behind the backend's data is forwarded but changes nothing", sp, move |l| {
+            sp.b2g(l, RST | ACK).with(|p| {
+                p.seq = 5001 - far;
+                p.ack = 2001;
+                p.tcp_options.clear();
+            })
+        })
+        .check(Check::State(sp, Established)),
+    );
+    t.push(
+        Fixture::client_segment("S: FIN 1 MiB ahead of the client's data changes nothing", sp, false, move |_| {
+            sp.c2f(FIN | ACK).with(|p| {
+                p.seq = 2001 + far;
+                p.ack = 5001;
+            })
+        })
+        .check(Check::State(sp, Established))
+        .check(Check::NextSeq(sp, Direction::Original, 2001)),
+    );
+    t.push(
+        Fixture::backend_segment("S: FIN from the backend 1 MiB ahead changes nothing", sp, move |l| {
+            sp.b2g(l, FIN | ACK).with(|p| {
+                p.seq = 5001 + far;
+                p.ack = 2001;
+            })
+        })
+        .check(Check::State(sp, Established))
+        .check(Check::NextSeq(sp, Direction::Reply, 5001)),
+    );
+    t.push(
+        Fixture::client_segment("S: RST at the client's next sequence number resets it", sp, false, move |_| {
+            sp.c2f(RST | ACK).with(|p| {
+                p.seq = 2001;
+                p.ack = 5001;
+                p.tcp_options.clear();
+            })
+        })
+        .check(Check::State(sp, Reset)),
     );
 
     // ---- Reused 4-tuples --------------------------------------------------------------------------
@@ -1972,6 +2059,17 @@ impl<'a> Harness<'a> {
                     )),
                     None => Err(format!("{}: no Original entry", conn.name)),
                 },
+                Check::NextSeq(conn, dir, want) => {
+                    let key = match dir {
+                        Direction::Original => conn.client_key(),
+                        Direction::Reply => conn.reply_key(self.learned.snat(conn.name)),
+                    };
+                    match flows_after.get(&key) {
+                        Some(fl) if fl.next_seq == *want => Ok(()),
+                        Some(fl) => Err(format!("{}: {dir:?} next_seq {}, expected {want}", conn.name, fl.next_seq)),
+                        None => Err(format!("{}: no {dir:?} entry", conn.name)),
+                    }
+                }
                 Check::NextHopMac(conn, mac) => match flows_after.get(&conn.client_key()) {
                     Some(fl) if fl.next_hop.dst_mac == *mac && fl.next_hop.fib_gen == self.config.fib_gen => Ok(()),
                     Some(fl) => Err(format!(
