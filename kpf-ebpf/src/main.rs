@@ -20,6 +20,7 @@ mod icmp;
 mod maps;
 mod parse;
 mod stats;
+mod verify;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
