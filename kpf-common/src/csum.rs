@@ -12,14 +12,6 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// Folds a 64-bit accumulator to 16 bits with end-around carry.
-#[inline(always)]
-pub const fn fold64(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    fold(sum as u32)
-}
-
 /// Ones' complement addition of two 16-bit words.
 #[inline(always)]
 pub const fn add(a: u16, b: u16) -> u16 {
@@ -111,16 +103,6 @@ pub fn transport(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8], check_of
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fold64_agrees_with_folding_the_sum_in_16_bit_steps() {
-        // The kernel adds 32-bit partial sums of up to 18 pieces in a u64.
-        let pieces = [0xffff_ffffu32, 0x8000_0001, 0x1234_5678, 0xffff_0000, 7];
-        let wide: u64 = pieces.iter().map(|&p| p as u64).sum::<u64>() + 0xfffe;
-        let narrow = pieces.iter().fold(0xfffeu16, |acc, &p| add(acc, fold(p)));
-        assert_eq!(fold64(wide), narrow);
-        assert_eq!(fold64(18 * u32::MAX as u64), 0xffff);
-    }
 
     #[test]
     fn rfc1071_example() {

@@ -33,7 +33,6 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, u32> {
         Parsed::Tcp(p) => p,
         Parsed::Icmp { l4 } => return Ok(crate::icmp::translate(ctx, l4)),
     };
-    ctx.classify(&pkt);
     let now = crate::clock::now(cfg);
 
     // Established connections first (the common case: one lookup), then handshakes.

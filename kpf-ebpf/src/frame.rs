@@ -17,9 +17,8 @@ use network_types::eth::EthHdr;
 
 use crate::{
     access::{at, load16, store16, store32},
-    maps::{DEVMAP, IFACES, L4_PARTIAL},
+    maps::{DEVMAP, IFACES},
     parse::Packet,
-    verify,
 };
 
 pub trait Frame {
@@ -39,12 +38,6 @@ pub trait Frame {
 
     /// Whether a packet can leave through `ifindex` (and its replies be seen by kpf).
     fn can_send(&self, ifindex: u32) -> bool;
-
-    /// Reads what kind of TCP checksum `pkt` carries, for [`Frame::forward`], before anything
-    /// is rewritten. Called once per TCP packet, before the paths through conntrack branch out:
-    /// the verifier then walks the rare, costly check once, not once per way to `forward`.
-    #[inline(always)]
-    fn classify(&self, _pkt: &Packet) {}
 
     /// Rewrites `pkt` per `nat` (addresses, ports, every checksum, MACs) and sends it toward `nh`.
     /// The last thing done with the packet: afterwards no pointer into it may be used.
@@ -79,8 +72,23 @@ fn set_macs(eth: *mut EthHdr, nh: &NextHop) {
 
 /// An XDP context, and what its frames are: native XDP (`SKB = false`) sees frames straight from
 /// a driver, generic XDP (`SKB = true`) sees socket buffers. The two programs differ only in how
-/// they read the TCP checksum field (see [`Frame::classify`]).
+/// they read the TCP checksum field (see [`Xdp::l4_csum`]).
 pub struct Xdp<const SKB: bool>(pub XdpContext);
+
+impl<const SKB: bool> Xdp<SKB> {
+    /// A driver's frame came off a wire, or from a peer that completed its checksum: complete
+    /// (see README, "Checksums"). A socket buffer may be CHECKSUM_PARTIAL, whose field holds the
+    /// pseudo-header sum: the field itself tells which (`nat::skb_l4_csum`).
+    #[inline(always)]
+    fn l4_csum(pkt: &Packet, check: u16) -> L4Csum {
+        if !SKB {
+            return L4Csum::Full;
+        }
+        // SAFETY: parse bounds-checked the IPv4 header.
+        let ihl = unsafe { (*pkt.ip).vihl } & 0x0f;
+        nat::skb_l4_csum(check, pkt.key.src_addr, pkt.key.dst_addr, pkt.ip_len - ihl as u16 * 4)
+    }
+}
 
 impl<const SKB: bool> Frame for Xdp<SKB> {
     const PASS: u32 = xdp_action::XDP_PASS;
@@ -116,50 +124,14 @@ impl<const SKB: bool> Frame for Xdp<SKB> {
         ifindex == Frame::ingress_ifindex(self) || DEVMAP.get_ifindex(ifindex).is_some()
     }
 
-    /// A driver's frame came off a wire, or from a peer that completed its checksum: complete
-    /// (see README, "Checksums"). A socket buffer may be CHECKSUM_PARTIAL, whose field holds the
-    /// pseudo-header sum: the field itself tells which (`nat::skb_l4_csum`), but for a complete
-    /// checksum that equals that sum by chance, which only summing the whole segment tells apart
-    /// (`verify`).
-    #[inline(always)]
-    fn classify(&self, pkt: &Packet) {
-        if !SKB {
-            return;
-        }
-        // SAFETY: parse bounds-checked the IPv4 and TCP headers.
-        let (ihl, check) = unsafe { ((*pkt.ip).vihl & 0x0f, load16::<{ at::TCP_CHECK }>(pkt.tcp as *const u8)) };
-        let seg_len = pkt.ip_len - ihl as u16 * 4;
-        let partial = match nat::skb_l4_csum(check, pkt.key.src_addr, pkt.key.dst_addr, seg_len) {
-            L4Csum::Partial => {
-                seg_len > verify::MAX_SEGMENT
-                    || !verify::complete_checksum_holds(
-                        self.0.ctx,
-                        (pkt.tcp as usize - self.0.data()) as u32,
-                        seg_len,
-                        check,
-                    )
-            }
-            L4Csum::Full => false,
-        };
-        // Kept in a map, where the verifier does not follow it: on the stack, its two values
-        // would double the states of every path after this one.
-        if let Some(slot) = L4_PARTIAL.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot.
-            unsafe { *slot = partial as u32 };
-        }
-    }
-
     #[inline(always)]
     fn forward(&self, pkt: &Packet, nat: &Nat, nh: &NextHop) -> Result<u32, Counter> {
         rewrite_fields(pkt, nat);
         let tcp = pkt.tcp as *mut u8;
-        // SAFETY: this CPU's slot, written by `classify` for this packet.
-        let partial = SKB && L4_PARTIAL.get_ptr(0).is_some_and(|p| unsafe { *p } != 0);
-        let kind = if partial { L4Csum::Partial } else { L4Csum::Full };
         // SAFETY: parse bounds-checked the TCP header.
         unsafe {
             let check = load16::<{ at::TCP_CHECK }>(tcp);
-            store16::<{ at::TCP_CHECK }>(tcp, nat::tcp_check(nat, check, kind));
+            store16::<{ at::TCP_CHECK }>(tcp, nat::tcp_check(nat, check, Self::l4_csum(pkt, check)));
         }
         self.send_frame(pkt.eth, nh)
     }

@@ -20,7 +20,6 @@ mod icmp;
 mod maps;
 mod parse;
 mod stats;
-mod verify;
 
 use aya_ebpf::{
     macros::{classifier, xdp},

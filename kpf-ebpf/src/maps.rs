@@ -80,17 +80,6 @@ pub struct SnatOldest {
 #[map(name = "KPF_ROUTES")]
 pub static ROUTES: PerCpuArray<BackendRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// Per CPU, a piece of a TCP segment copied out for `verify` to sum: `bpf_csum_diff` then takes
-/// any length up to its limit, which on the packet itself the verifier allows only in fixed
-/// sizes. Not pinned: scratch.
-#[map(name = "KPF_CSUM_SCRATCH")]
-pub static CSUM_SCRATCH: PerCpuArray<[u8; crate::verify::CHUNK]> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per CPU, generic XDP's reading of the current packet's TCP checksum field: 1 if it holds a
-/// CHECKSUM_PARTIAL pseudo-header sum (see `Frame::classify`).
-#[map(name = "KPF_L4_PARTIAL")]
-pub static L4_PARTIAL: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU parameter block for bpf_fib_lookup, for the same reason.
 #[map(name = "KPF_FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
