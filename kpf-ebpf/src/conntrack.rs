@@ -247,6 +247,8 @@ fn established<C: Frame>(
     }
     flow.packets += 1;
     flow.bytes += pkt.ip_len as u64;
+    // Not `!handshake_done()`, which also holds for Reset: a SYN there is a new attempt on the
+    // 4-tuple (reopened above when it has no ACK), not the sender's first number.
     let handshaking = flow.state <= State::SynAcked as u8;
     flow.next_seq = kpf_common::seq::track(flow.next_seq, seq, pkt.payload as u32, pkt.flags, handshaking);
     stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);

@@ -259,13 +259,12 @@ impl Daemon {
         // With no healthy backend that takes new connections (a draining one takes none): reject,
         // or fail open, to every backend not being drained.
         let mut table = maglev::build(&open(true));
-        if table.is_empty() && reject {
-            fe.flags |= Frontend::REJECT;
-        } else if table.is_empty() {
+        if table.is_empty() && !reject {
             table = maglev::build(&open(false));
         }
         if table.is_empty() {
-            // Every backend is draining (or has weight 0): nothing may take new connections.
+            // Rejecting, or every backend is draining (or has weight 0): nothing may take new
+            // connections.
             fe.flags |= Frontend::REJECT;
         }
         let pool = match self.pools.get(key) {

@@ -88,8 +88,8 @@ pub fn ensure_snat_ports(snat: PortRange, manage: bool) -> Result<()> {
         return write(RESERVED_PORTS, &value);
     }
     Err(Error::Environment(format!(
-        "snat_ports {snat} overlaps the kernel's ephemeral ports (net.ipv4.ip_local_port_range = {}-{}) at {clash}; \
-         reserve them with `sysctl -w net.ipv4.ip_local_reserved_ports={snat}`, pick snat_ports outside that range, \
+        "snat_ports {snat} overlaps the kernel's ephemeral ports ({LOCAL_PORT_RANGE} = {}-{}) at {clash}; \
+         reserve them with `sysctl -w {RESERVED_PORTS}={snat}`, pick snat_ports outside that range, \
          or set manage_sysctls = true",
         local.min, local.max
     )))
