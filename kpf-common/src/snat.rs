@@ -6,10 +6,12 @@
 //!
 //! The kernel probes candidates in order and claims the first that is free (it can insert the
 //! reply key backend -> gateway:port with `BPF_NOEXIST`) or whose connection has ended and stayed
-//! quiet for [`crate::tcp::RECLAIM_GRACE_NS`], or expired (it takes the place of that
-//! connection's entries), so a port is never handed to two live connections toward the same
-//! backend; if every probe is taken the SYN is dropped and counted, and the client's
-//! retransmission tries again.
+//! quiet for its grace ([`crate::tcp::reclaim_grace_ns`]: a second, or the backend's TIME_WAIT if
+//! the backend closed first), or expired (it takes the place of that connection's entries), so a
+//! port is never handed to two live connections toward the same backend. If every probe is
+//! held, the SYN takes the ended connection's port that is free soonest
+//! ([`crate::tcp::last_resort_rank`]) or, if there is none, is dropped and counted, and the
+//! client's retransmission tries again.
 
 use crate::maps::FlowKey;
 

@@ -22,13 +22,20 @@ pub enum State {
     FinFromClient = 4,
     /// The backend sent FIN; the client may still send.
     FinFromBackend = 5,
-    /// Both sides sent FIN: only the last ACKs remain.
+    /// Both sides sent FIN, the client first (or at the same moment): only the last ACKs
+    /// remain, and the 4-tuple's TIME_WAIT is on the client's side, behind the frontend.
     Closing = 6,
     /// Either side sent RST.
     Reset = 7,
+    /// Both sides sent FIN, the backend first: the backend holds the SNAT 4-tuple in TIME_WAIT
+    /// (see [`BACKEND_TIME_WAIT_NS`]), and a new connection on it could be refused. Shares
+    /// `Closing`'s slot in per-state tables (14 & 7 = 6): their length, and with it the pinned
+    /// map layout, stays as it was, so an upgrade keeps every connection.
+    BackendTimeWait = 14,
 }
 
-/// Array length for per-state tables (index 0 unused, so the `State` value indexes directly).
+/// Array length for per-state tables (index 0 unused, so the `State` value indexes directly;
+/// [`State::slot`] folds the one value past the end onto its slot).
 pub const STATE_COUNT: usize = 8;
 
 const SEC: u64 = 1_000_000_000;
@@ -60,8 +67,15 @@ impl State {
             5 => State::FinFromBackend,
             6 => State::Closing,
             7 => State::Reset,
+            14 => State::BackendTimeWait,
             _ => return None,
         })
+    }
+
+    /// This state's index in per-state tables (its timeout).
+    #[inline(always)]
+    pub const fn slot(state: u8) -> usize {
+        (state as usize) & (STATE_COUNT - 1)
     }
 
     pub const fn name(self) -> &'static str {
@@ -73,6 +87,7 @@ impl State {
             State::FinFromBackend => "fin_from_backend",
             State::Closing => "closing",
             State::Reset => "reset",
+            State::BackendTimeWait => "backend_time_wait",
         }
     }
 
@@ -87,7 +102,7 @@ impl State {
     /// SNAT binding): it has ended, or it was never set up.
     #[inline(always)]
     pub const fn reusable(self) -> bool {
-        matches!(self, State::Closing | State::Reset)
+        matches!(self, State::Closing | State::Reset | State::BackendTimeWait)
     }
 }
 
@@ -134,10 +149,11 @@ pub const fn next(state: State, dir: Direction, flags: u8) -> State {
             if fin && !from_client { State::Closing } else { State::FinFromClient }
         }
         State::FinFromBackend => {
-            if fin && from_client { State::Closing } else { State::FinFromBackend }
+            if fin && from_client { State::BackendTimeWait } else { State::FinFromBackend }
         }
         State::Closing => State::Closing,
         State::Reset => State::Reset,
+        State::BackendTimeWait => State::BackendTimeWait,
     }
 }
 
@@ -151,14 +167,23 @@ pub const fn may_change(state: State, flags: u8) -> bool {
 /// How long a closed or reset connection keeps its SNAT port against reuse by a new one: long
 /// enough for the last ACK and the first retransmissions of a lost FIN (TCP's minimum RTO is
 /// 200 ms) to arrive. It bounds the new-connection rate toward one backend at
-/// `snat_ports` / grace when every connection is short.
+/// `snat_ports` / grace when every connection is short and the client closes first.
 pub const RECLAIM_GRACE_NS: u64 = SEC;
 
+/// How long a connection the backend closed first keeps its SNAT port, and its entries: the
+/// backend's TIME_WAIT. A SYN on a 4-tuple in TIME_WAIT is accepted only if its sequence number
+/// or timestamp is past the old connection's, which a new client's (with its own random offsets)
+/// is half the time; otherwise the backend answers with the old connection's ACK, the client
+/// resets it and retries a second later. Linux holds TIME_WAIT for 60 s on a timer wheel that
+/// fires up to ~4 s late at that range; Kafka brokers close idle connections themselves
+/// (`connections.max.idle.ms`), so this is the common way a Kafka connection ends.
+pub const BACKEND_TIME_WAIT_NS: u64 = 65 * SEC;
+
 /// The last resort when every port a SYN probes is held, some by connections still in their
-/// grace: the one quiet longest goes to the new connection if it has been quiet this long, rather
-/// than dropping the SYN (which costs the client a 1 s retransmission). A lost last ACK makes
-/// the backend retransmit its FIN after its RTO, at least 200 ms; by this time that has normally
-/// happened (and refreshed the entry).
+/// grace: the one whose hold ends soonest goes to the new connection if it has been quiet this
+/// long, rather than dropping the SYN (which costs the client a 1 s retransmission). A lost last
+/// ACK makes the backend retransmit its FIN after its RTO, at least 200 ms; by this time that
+/// has normally happened (and refreshed the entry).
 pub const RECLAIM_MIN_QUIET_NS: u64 = SEC / 4;
 
 /// Whether a connection has ended: both FINs, or an RST.
@@ -170,18 +195,45 @@ pub const fn ended(state: u8) -> bool {
     }
 }
 
+/// How long after its last packet an ended connection keeps its SNAT port.
+#[inline(always)]
+pub const fn reclaim_grace_ns(state: u8) -> u64 {
+    if state == State::BackendTimeWait as u8 { BACKEND_TIME_WAIT_NS } else { RECLAIM_GRACE_NS }
+}
+
 /// Whether a connection's SNAT port may go to a new connection: it has ended and stayed quiet for
-/// the grace period, or expired.
+/// its grace, or expired.
 #[inline(always)]
 pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    (ended(state) && now_ns.saturating_sub(last_seen_ns) > RECLAIM_GRACE_NS) || expired(timeouts_ns, state, last_seen_ns, now_ns)
+    let quiet = now_ns.saturating_sub(last_seen_ns);
+    (ended(state) && quiet > reclaim_grace_ns(state)) || quiet > timeout_ns(timeouts_ns, state)
+}
+
+/// For the last resort, a port held by a connection quiet for `quiet_ns` and not reclaimable:
+/// how long until it is free anyway, plus one (the lowest goes first), if the connection has
+/// ended and been quiet [`RECLAIM_MIN_QUIET_NS`]; else 0, not a candidate. A port a backend holds
+/// in TIME_WAIT thus goes only when every other candidate does too. (Ranks compare within one
+/// SYN's probes, all at the same `now`.)
+#[inline(always)]
+pub const fn last_resort_rank(state: u8, quiet_ns: u64) -> u64 {
+    if !ended(state) || quiet_ns < RECLAIM_MIN_QUIET_NS {
+        return 0;
+    }
+    reclaim_grace_ns(state).saturating_sub(quiet_ns) + 1
+}
+
+/// The idle timeout of an entry in `state`: its slot's, but never shorter than the backend's
+/// TIME_WAIT for a connection the backend closed first (its port must stay held that long).
+#[inline(always)]
+pub const fn timeout_ns(timeouts_ns: &[u64; STATE_COUNT], state: u8) -> u64 {
+    let t = timeouts_ns[State::slot(state)];
+    if state == State::BackendTimeWait as u8 && t < BACKEND_TIME_WAIT_NS { BACKEND_TIME_WAIT_NS } else { t }
 }
 
 /// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
 #[inline(always)]
 pub const fn expired(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let idx = (state as usize) & (STATE_COUNT - 1);
-    now_ns.saturating_sub(last_seen_ns) > timeouts_ns[idx]
+    now_ns.saturating_sub(last_seen_ns) > timeout_ns(timeouts_ns, state)
 }
 
 #[cfg(test)]
@@ -220,7 +272,36 @@ mod tests {
     #[test]
     fn backend_closes_first() {
         let s = run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK), (B, FIN | ACK), (C, FIN | ACK)]);
-        assert_eq!(s, State::Closing);
+        assert_eq!(s, State::BackendTimeWait);
+        assert_eq!(run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK), (C, FIN | ACK), (B, ACK), (C, FIN | ACK)]), s);
+        assert_eq!(next(s, B, RST), State::Reset, "an RST ends TIME_WAIT (RFC 1337 is off by default)");
+    }
+
+    /// Every state, with the value the kernel stores.
+    const ALL: [State; 8] = [
+        State::SynSent,
+        State::SynAcked,
+        State::Established,
+        State::FinFromClient,
+        State::FinFromBackend,
+        State::Closing,
+        State::Reset,
+        State::BackendTimeWait,
+    ];
+
+    #[test]
+    fn state_values_round_trip_and_fold_into_the_table() {
+        for s in ALL {
+            assert_eq!(State::from_u8(s as u8), Some(s));
+            assert!((1..STATE_COUNT).contains(&State::slot(s as u8)), "{s:?}");
+        }
+        assert_eq!(State::slot(State::BackendTimeWait as u8), State::Closing as usize);
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(ALL[i + 1..].iter().all(|b| b.name() != a.name()), "{a:?}: name used twice");
+        }
+        for v in (0..=u8::MAX).filter(|v| !ALL.iter().any(|s| *s as u8 == *v)) {
+            assert_eq!(State::from_u8(v), None, "{v}");
+        }
     }
 
     #[test]
@@ -265,8 +346,7 @@ mod tests {
         assert!(may_change(State::SynAcked, ACK));
         assert!(!may_change(State::FinFromClient, ACK) && !may_change(State::Closing, ACK));
         // may_change must never hide a transition.
-        for s in 1..STATE_COUNT as u8 {
-            let s = State::from_u8(s).unwrap();
+        for s in ALL {
             for flags in 0..=0x3f {
                 for d in [C, B] {
                     if next(s, d, flags) != s {
@@ -293,13 +373,39 @@ mod tests {
     }
 
     #[test]
-    fn expiry_uses_the_state_timeout() {
+    fn a_backend_in_time_wait_keeps_the_port_for_its_time_wait() {
         let t = DEFAULT_TIMEOUTS_NS;
-        let est = State::Established as u8;
-        assert!(!expired(&t, est, 0, 7440 * SEC));
-        assert!(expired(&t, est, 0, 7440 * SEC + 1));
-        assert!(expired(&t, State::SynSent as u8, 0, 31 * SEC));
-        assert!(!expired(&t, est, 100, 50), "a clock behind last_seen is not expiry");
-        assert!(t[State::Established as usize] >= 3600 * SEC, "issue: established idle >= 1 h");
+        let tw = State::BackendTimeWait as u8;
+        assert!(ended(tw));
+        assert!(!reclaimable(&t, tw, 0, 2 * SEC));
+        assert!(!reclaimable(&t, tw, 0, 60 * SEC), "Linux's TIME_WAIT is 60 s");
+        assert!(reclaimable(&t, tw, 0, BACKEND_TIME_WAIT_NS + 1));
+        // The entry outlives the closing timeout, however short it is configured, or the garbage
+        // collector would free the port early.
+        let mut short = t;
+        short[State::Closing as usize] = 0;
+        assert!(!expired(&short, tw, 0, 60 * SEC));
+        assert!(expired(&short, tw, 0, BACKEND_TIME_WAIT_NS + 1));
+        assert!(expired(&short, State::Closing as u8, 0, 1), "Closing keeps its own timeout");
+        let mut long = t;
+        long[State::Closing as usize] = 600 * SEC;
+        assert!(!expired(&long, tw, 0, 300 * SEC), "a longer closing timeout applies to it too");
+    }
+
+    #[test]
+    fn the_last_resort_takes_the_port_free_soonest() {
+        let (closing, tw, reset) = (State::Closing as u8, State::BackendTimeWait as u8, State::Reset as u8);
+        assert_eq!(last_resort_rank(closing, RECLAIM_MIN_QUIET_NS / 2), 0, "not quiet long enough");
+        assert_ne!(last_resort_rank(closing, RECLAIM_MIN_QUIET_NS), 0);
+        assert_eq!(last_resort_rank(State::Established as u8, 60 * SEC), 0, "open connections are never candidates");
+        assert_eq!(last_resort_rank(State::FinFromBackend as u8, 60 * SEC), 0);
+        // A port in the backend's TIME_WAIT ranks after one merely in its grace, however much
+        // longer it has been quiet.
+        assert!(last_resort_rank(closing, SEC / 2) < last_resort_rank(tw, 60 * SEC));
+        assert!(last_resort_rank(reset, SEC / 2) < last_resort_rank(tw, 60 * SEC));
+        // Among equals, the one quiet longest first.
+        assert!(last_resort_rank(closing, SEC * 3 / 4) < last_resort_rank(closing, SEC / 2));
+        assert!(last_resort_rank(tw, 40 * SEC) < last_resort_rank(tw, 30 * SEC));
+        assert_ne!(last_resort_rank(closing, 10 * SEC), 0, "never 0 for a candidate");
     }
 }

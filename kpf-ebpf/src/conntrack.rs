@@ -317,14 +317,13 @@ const TAKEN_OVER: u64 = u64::MAX;
 const IN_USE: u64 = 0;
 
 /// Takes over the SNAT port of the connection `table` holds under `reply_key` if that one has
-/// ended past its grace, or expired ([`TAKEN_OVER`]). Otherwise: when that connection has ended
-/// but is still in its grace, when it was last seen (a last-resort candidate), else [`IN_USE`].
+/// ended past its grace, or expired ([`TAKEN_OVER`]). Otherwise: its `tcp::last_resort_rank` (0,
+/// [`IN_USE`], when it is no last-resort candidate).
 /// A separate BPF function: inlined into the probe loop it would multiply what the verifier walks.
 #[inline(never)]
 fn reclaim(
     table: &LruHashMap<FlowKey, Flow>,
     reply_key: &FlowKey,
-    f: &Flow,
     timeouts_ns: &[u64; kpf_common::tcp::STATE_COUNT],
     now: u64,
 ) -> u64 {
@@ -334,21 +333,27 @@ fn reclaim(
     };
     // SAFETY: a live map value, read only.
     let old = unsafe { &*old };
-    let (state, seen) = (old.state, old.last_seen_ns);
-    if tcp::reclaimable(timeouts_ns, state, seen, now) {
-        return if take_over(table, reply_key, &old.nat, f) { TAKEN_OVER } else { IN_USE };
+    let state = old.state;
+    if tcp::reclaimable(timeouts_ns, state, old.last_seen_ns, now) {
+        return if take_over(table, reply_key, &old.nat) { TAKEN_OVER } else { IN_USE };
     }
-    if tcp::ended(state) { seen.clamp(1, TAKEN_OVER - 1) } else { IN_USE }
+    tcp::last_resort_rank(state, now.saturating_sub(old.last_seen_ns)).min(TAKEN_OVER - 1)
 }
 
 /// Removes both entries of the connection `table` holds under `reply_key` (whose rewrite is
-/// `old_nat`) and puts `f` (the new reply entry) into the half-open table under that key. False if
-/// another CPU took it first.
+/// `old_nat`) and puts the new reply entry (assembled in this CPU's scratch slot) into the
+/// half-open table under that key. False if another CPU took it first.
 #[inline(never)]
-fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, old_nat: &Nat, f: &Flow) -> bool {
+fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, old_nat: &Nat) -> bool {
     let _ = table.remove(&FlowKey::reply_of(old_nat));
     let _ = table.remove(reply_key);
-    if HALF_OPEN.insert(reply_key, f, BPF_NOEXIST as u64).is_err() {
+    // Looked up here, not passed in: one argument fewer keeps `reclaim`'s frame, on the deepest
+    // call chain, within the verifier's 512-byte stack.
+    let Some(f) = SCRATCH.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, which the caller filled; read by the helper.
+    if HALF_OPEN.insert(reply_key, unsafe { &*f }, BPF_NOEXIST as u64).is_err() {
         return false;
     }
     stats::count(Counter::SnatReclaimed);
@@ -398,11 +403,11 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     // SAFETY: helper without arguments.
     let hash = snat::hash(k, unsafe { bpf_get_prandom_u32() });
     let mut claimed = None;
-    // The probed port whose ended connection was seen longest ago: the last resort.
+    // The probed port of an ended connection that is free soonest: the last resort.
     let oldest = SNAT_OLDEST.get_ptr_mut(0).ok_or(Counter::DropSnatExhausted)?;
     // SAFETY: this CPU's slot; nothing else touches it while the program runs here.
     let oldest = unsafe { &mut *oldest };
-    oldest.seen = 0;
+    oldest.rank = 0;
     for attempt in 0..snat::PROBES {
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
@@ -419,15 +424,15 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
         } else {
             &HALF_OPEN
         };
-        match reclaim(table, &reply_key, f, &cfg.timeouts_ns, now) {
+        match reclaim(table, &reply_key, &cfg.timeouts_ns, now) {
             TAKEN_OVER => {
                 claimed = Some(port);
                 break;
             }
             IN_USE => {}
-            seen => {
-                if oldest.seen == 0 || seen < oldest.seen {
-                    oldest.seen = seen;
+            rank => {
+                if oldest.rank == 0 || rank < oldest.rank {
+                    oldest.rank = rank;
                     oldest.port = port;
                     oldest.in_flows = core::ptr::eq(table, &FLOWS);
                 }
@@ -436,16 +441,17 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     }
     let port = match claimed {
         Some(p) => p,
-        // Every probed port is held. Rather than drop the SYN, take the one whose connection
-        // ended longest ago, if that is long enough (see tcp::RECLAIM_MIN_QUIET_NS).
-        None if oldest.seen != 0 && now.saturating_sub(oldest.seen) >= tcp::RECLAIM_MIN_QUIET_NS => {
+        // Every probed port is held. Rather than drop the SYN, take the one of an ended
+        // connection that is free soonest, if it has been quiet long enough (see
+        // tcp::RECLAIM_MIN_QUIET_NS).
+        None if oldest.rank != 0 => {
             let port = oldest.port;
             let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
             f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
             let table = if oldest.in_flows { &FLOWS } else { &HALF_OPEN };
             let old = table.get_ptr(&reply_key).ok_or(Counter::DropSnatExhausted)?;
             // SAFETY: a live map value, read only.
-            if !take_over(table, &reply_key, unsafe { &(*old).nat }, f) {
+            if !take_over(table, &reply_key, unsafe { &(*old).nat }) {
                 return Err(Counter::DropSnatExhausted);
             }
             port

@@ -68,9 +68,10 @@ pub static SCRATCH: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "KPF_SNAT_OLDEST")]
 pub static SNAT_OLDEST: PerCpuArray<SnatOldest> = PerCpuArray::with_max_entries(1, 0);
 
-/// See [`SNAT_OLDEST`]. `seen == 0`: none found yet.
+/// See [`SNAT_OLDEST`]. `rank == 0`: none found yet.
 pub struct SnatOldest {
-    pub seen: u64,
+    /// `tcp::last_resort_rank` of the port's connection: the lowest is taken.
+    pub rank: u64,
     pub port: u16,
     pub in_flows: bool,
 }

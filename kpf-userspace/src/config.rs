@@ -343,7 +343,8 @@ pub struct Timeouts {
     pub established: Secs,
     /// One side has sent FIN.
     pub fin: Secs,
-    /// Both sides have sent FIN.
+    /// Both sides have sent FIN. When the backend sent its FIN first, the connection (and its
+    /// SNAT port) is kept at least for the backend's TIME_WAIT (`tcp::BACKEND_TIME_WAIT_NS`).
     pub closing: Secs,
     /// After RST.
     pub reset: Secs,

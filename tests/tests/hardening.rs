@@ -474,10 +474,11 @@ fn idle_connections_expire_and_ports_free() {
         assert_eq!(rows.len(), 1, "B ({tuple}) in kpf flows: {listed:#?}");
         let b_gateway = field(rows[0], "gateway").to_owned();
         exchange_and_close(b_sess, 1, 1000).expect("closing B");
+        // The backend's FIN came first: it holds the 4-tuple in TIME_WAIT.
         let (state, took) = wait_for(Duration::from_secs(5), "B's entry to show both FINs", || {
             let listed = flows(&kpf, Some(9093));
             let rows = flows_of(&listed, &tuple);
-            (rows.len() == 1 && field(rows[0], "state") == "closing").then(|| field(rows[0], "state").to_owned())
+            (rows.len() == 1 && field(rows[0], "state") == "backend_time_wait").then(|| field(rows[0], "state").to_owned())
         });
         eprintln!("  B {tuple} via {b_gateway}: closed, state {state} after {took:.2?}");
 
@@ -509,23 +510,30 @@ fn idle_connections_expire_and_ports_free() {
             a_idle + CLOCK_SLACK >= ESTABLISHED_TIMEOUT,
             "A expired after {a_idle:.2?} idle, before the established timeout {ESTABLISHED_TIMEOUT:?}"
         );
+        // Round 1's clients closed first; the reused 4-tuple's backend did, and keeps its SNAT
+        // port through its TIME_WAIT (65 s), past the closing timeout: it closed before round 1,
+        // so under that timeout alone it would have gone in the same collection.
         let (_, _) = wait_for(
             CLOSING_TIMEOUT + GC_INTERVAL + Duration::from_secs(4),
-            "the closed connections to expire",
+            "the connections the clients closed to expire",
             || {
                 let listed = flows(&kpf, Some(9093));
-                listed.is_empty().then_some(())
+                listed.iter().all(|f| field(f, "client") == tuple).then_some(())
             },
         );
         let (c_after, r_after) = (c_closed.elapsed(), round1_closed.elapsed());
+        let listed = flows(&kpf, Some(9093));
+        let rows = flows_of(&listed, &tuple);
         eprintln!(
-            "  closed connections left kpf flows {c_after:.2?} (reused 4-tuple) / {r_after:.2?} (round 1) after closing"
+            "  round 1 left kpf flows {r_after:.2?} after closing; the reused 4-tuple is still there {c_after:.2?} after: {rows:?}"
         );
         assert!(
             r_after + CLOCK_SLACK >= CLOSING_TIMEOUT,
             "closed connections expired {r_after:.2?} after closing, before the closing timeout {CLOSING_TIMEOUT:?}"
         );
-        step(&mut t, "expired and collected");
+        assert_eq!(rows.len(), 1, "the reused 4-tuple, closed by its backend first, left kpf flows: {listed:#?}");
+        assert_eq!(field(rows[0], "state"), "backend_time_wait");
+        step(&mut t, "expired and collected, but for a backend's TIME_WAIT");
 
         // A's next packet: no connection any more, so the gateway's kernel answers RST.
         let before = status(&kpf);
@@ -538,7 +546,7 @@ fn idle_connections_expire_and_ports_free() {
         );
         eprintln!("  A after expiry: {err}");
 
-        // The expired 4-tuple opens again, with an entry of its own.
+        // The 4-tuple opens again (its last connection ended), with an entry of its own.
         let (d_sess, id) = in_ns(client, || raw_from(src, fe4(9093))).expect("the 4-tuple after expiry");
         assert_eq!(id, "b1");
         let listed = flows(&kpf, Some(9093));

@@ -972,13 +972,13 @@ pub fn fixtures() -> Vec<Fixture> {
         .check(Check::State(b, FinFromBackend)),
     );
     t.push(
-        Fixture::client_segment("B: FIN from the client", b, false, move |_| {
+        Fixture::client_segment("B: FIN from the client: the backend is in TIME_WAIT", b, false, move |_| {
             b.c2f(FIN | ACK).with(|p| {
                 p.seq = 1001;
                 p.ack = 5002;
             })
         })
-        .check(Check::State(b, Closing)),
+        .check(Check::State(b, BackendTimeWait)),
     );
 
     // ---- C: RST from the client; D: RST from the backend during the handshake ------------------
@@ -1699,6 +1699,95 @@ pub fn fixtures() -> Vec<Fixture> {
         .setup(Setup::Sleep(Duration::from_millis(300)))
         .counts(SnatReclaimed)
         .check(Check::TookOver(l3, vec![l1])),
+    );
+
+    // ---- T: the last resort leaves a port the backend holds in TIME_WAIT for last ------------------
+    // T1's backend closes first, so it holds T1's 4-tuple in TIME_WAIT for a minute; T2's client
+    // closes first, a tick later. T3 then finds both ports in their grace: it must take T2's,
+    // which is free in a second, not T1's, though T1 has been quiet longer.
+    let t1 = Conn::to_a("T1", 51020);
+    let t2 = Conn::to_a("T2", 51021);
+    let t3 = Conn::to_a("T3", 51022);
+    let first = t.len();
+    handshake(&mut t, t1);
+    // Outside the other blocks' ranges, so no earlier connection holds these ports.
+    t[first].setup.push(Setup::SnatRange(60004, 60005));
+    handshake(&mut t, t2);
+    t.last_mut().expect("handshake pushed").checks.push(Check::DistinctSnat(t1, t2));
+    t.push(
+        Fixture::backend_segment("T1: FIN from the backend", t1, move |l| {
+            t1.b2g(l, FIN | ACK).with(|p| {
+                p.seq = 5001;
+                p.ack = 1001;
+            })
+        })
+        .check(Check::State(t1, FinFromBackend)),
+    );
+    t.push(
+        Fixture::client_segment("T1: FIN from the client", t1, false, move |_| {
+            t1.c2f(FIN | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5002;
+            })
+        })
+        .check(Check::State(t1, BackendTimeWait)),
+    );
+    t.push(
+        Fixture::backend_segment("T1: the backend's last ACK (it is in TIME_WAIT now)", t1, move |l| {
+            t1.b2g(l, ACK).with(|p| {
+                p.seq = 5002;
+                p.ack = 1002;
+            })
+        })
+        .check(Check::State(t1, BackendTimeWait)),
+    );
+    t.push(
+        Fixture::client_segment("T2: FIN from the client, a tick later", t2, false, move |_| {
+            t2.c2f(FIN | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+            })
+        })
+        // More than one tick (1-10 ms), so T1's entries are strictly the ones quiet longest.
+        .setup(Setup::Sleep(Duration::from_millis(25)))
+        .check(Check::State(t2, FinFromClient)),
+    );
+    t.push(
+        Fixture::backend_segment("T2: FIN from the backend", t2, move |l| {
+            t2.b2g(l, FIN | ACK).with(|p| {
+                p.seq = 5001;
+                p.ack = 1002;
+            })
+        })
+        .check(Check::State(t2, Closing)),
+    );
+    t.push(
+        Fixture::client_segment(
+            "T3: SYN 300 ms on, both ports in their grace: takes T2's (free in a second), not T1's (TIME_WAIT)",
+            t3,
+            true,
+            move |_| t3.c2f(SYN),
+        )
+        .setup(Setup::Sleep(Duration::from_millis(300)))
+        .counts(SnatReclaimed)
+        .check(Check::TookOver(t3, vec![t2]))
+        .check(Check::State(t1, BackendTimeWait)),
+    );
+    t.push(
+        Fixture::client_segment(
+            "T1: the client's FIN again, past a zero closing timeout: still forwarded (kept for the backend's TIME_WAIT)",
+            t1,
+            false,
+            move |_| {
+                t1.c2f(FIN | ACK).with(|p| {
+                    p.seq = 1001;
+                    p.ack = 5002;
+                })
+            },
+        )
+        .setup(Setup::Timeout(Closing, 0))
+        .setup(Setup::Sleep(Duration::from_millis(30)))
+        .check(Check::State(t1, BackendTimeWait)),
     );
 
     t
