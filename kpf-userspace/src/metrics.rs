@@ -1,11 +1,16 @@
 //! Prometheus text exposition on `metrics_addr` (off unless configured): `GET /metrics`.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use crate::{
@@ -62,17 +67,49 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(Error::io(format!("binding metrics_addr {addr}")))
 }
 
+/// Connections served at once. A scraper needs one; the cap keeps a flood of connections (the
+/// listener may face a network) from using up the daemon's file descriptors, which its control
+/// socket, netlink and map operations need too. Past it, a new connection is closed unanswered.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may take to send its request, and apart from that to take the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one log line per this long about connections refused at the cap.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (mut refused, mut logged) = (0u64, None::<Instant>);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        tokio::spawn(connection(stream, calls.clone()));
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: accepting again at once would spin.
+                log::warn!("metrics listener accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            refused += 1;
+            if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                log::warn!("metrics listener: {MAX_CONNECTIONS} connections open; closed {refused} more unanswered");
+                (refused, logged) = (0, Some(Instant::now()));
+            }
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            connection(stream, calls).await;
+            drop(slot);
+        });
     }
 }
 
 async fn connection(mut stream: TcpStream, calls: mpsc::Sender<Call>) {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let read = tokio::time::timeout(IO_TIMEOUT, async {
         while len < buf.len() {
             match stream.read(&mut buf[len..]).await {
                 Ok(0) | Err(_) => break,
@@ -106,6 +143,10 @@ async fn connection(mut stream: TcpStream, calls: mpsc::Sender<Call>) {
         (Some("GET"), _) => "HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n".into(),
         _ => "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
     };
-    let _ = stream.write_all(reply.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    // A peer that never reads would otherwise hold its slot for good.
+    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }

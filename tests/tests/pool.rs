@@ -646,6 +646,19 @@ fn metrics_endpoint() {
     assert!(body.contains("# TYPE kpf_frontend_new_flows_total counter"), "{body}");
     let (status, _, _) = in_ns(&pool.topo.gateway, || http_get(addr, "/other"));
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // Connections that send nothing take every slot (kpf's metrics::MAX_CONNECTIONS): one more is
+    // closed unanswered rather than costing the daemon a descriptor; once they go, a scrape is
+    // answered again.
+    const SLOTS: usize = 32;
+    let idle: Vec<TcpStream> = in_ns(&pool.topo.gateway, || (0..SLOTS).map(|_| TcpStream::connect(addr)).collect());
+    let over = in_ns(&pool.topo.gateway, || Ok(http_get(addr, "/metrics")));
+    assert!(over.is_err(), "a scrape past {SLOTS} open connections was answered: {over:?}");
+    drop(idle);
+    let (_, took) = poll(Duration::from_secs(5), "a scrape to be answered once the idle connections closed", || {
+        in_ns(&pool.topo.gateway, || Ok(http_get(addr, "/metrics").ok())).filter(|(status, _, _)| status == "HTTP/1.1 200 OK")
+    });
+    eprintln!("  {SLOTS} idle connections: one more refused; answered again {took:.2?} after they closed");
     // `kpf metrics` prints the same families through the control socket.
     let cli = pool.kpf.cli(&["metrics"]).expect("kpf metrics");
     assert!(cli.lines().any(|l| l == want[0]), "kpf metrics lacks {:?}:\n{cli}", want[0]);
