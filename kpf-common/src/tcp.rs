@@ -206,7 +206,7 @@ pub const fn reclaim_grace_ns(state: u8) -> u64 {
 #[inline(always)]
 pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
     let quiet = now_ns.saturating_sub(last_seen_ns);
-    (ended(state) && quiet > reclaim_grace_ns(state)) || quiet > timeout_ns(timeouts_ns, state)
+    (ended(state) && quiet > reclaim_grace_ns(state)) || expired(timeouts_ns, state, last_seen_ns, now_ns)
 }
 
 /// For the last resort, a port held by a connection quiet for `quiet_ns` and not reclaimable:
@@ -222,18 +222,14 @@ pub const fn last_resort_rank(state: u8, quiet_ns: u64) -> u64 {
     reclaim_grace_ns(state).saturating_sub(quiet_ns) + 1
 }
 
-/// The idle timeout of an entry in `state`: its slot's, but never shorter than the backend's
-/// TIME_WAIT for a connection the backend closed first (its port must stay held that long).
-#[inline(always)]
-pub const fn timeout_ns(timeouts_ns: &[u64; STATE_COUNT], state: u8) -> u64 {
-    let t = timeouts_ns[State::slot(state)];
-    if state == State::BackendTimeWait as u8 && t < BACKEND_TIME_WAIT_NS { BACKEND_TIME_WAIT_NS } else { t }
-}
-
-/// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+/// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`: idle past its state's
+/// timeout and, for a connection the backend closed first, past the backend's TIME_WAIT too
+/// (its port must stay held that long, however short the closing timeout).
 #[inline(always)]
 pub const fn expired(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns.saturating_sub(last_seen_ns) > timeout_ns(timeouts_ns, state)
+    let quiet = now_ns.saturating_sub(last_seen_ns);
+    // The slot's timeout first: every packet asks, and a live entry is answered by one compare.
+    quiet > timeouts_ns[State::slot(state)] && (state != State::BackendTimeWait as u8 || quiet > BACKEND_TIME_WAIT_NS)
 }
 
 #[cfg(test)]
