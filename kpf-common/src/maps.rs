@@ -132,9 +132,11 @@ pub enum Direction {
 /// One direction of a tracked connection: the value of a conntrack entry.
 ///
 /// Both directions of a connection carry the same `state`: a packet that changes it (SYN-ACK, the
-/// first ACK, FIN, RST; rare) is applied to both entries, each atomically, so both end in the
-/// same state whatever order two CPUs apply two packets in. The common packet touches only its
-/// own entry.
+/// first ACK, FIN, RST; rare) is applied to both entries, each atomically, so no CPU undoes
+/// another's change. The common packet touches only its own entry. One exception: when FINs
+/// from both sides are applied on two CPUs at once, each entry records whichever came first to
+/// it, so one may read `Closing` and the other `BackendTimeWait`; both are ended, and the port's
+/// hold follows the reply entry's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {

@@ -22,8 +22,9 @@ pub enum State {
     FinFromClient = 4,
     /// The backend sent FIN; the client may still send.
     FinFromBackend = 5,
-    /// Both sides sent FIN, the client first (or at the same moment): only the last ACKs
-    /// remain, and the 4-tuple's TIME_WAIT is on the client's side, behind the frontend.
+    /// Both sides sent FIN, the client first: only the last ACKs remain, and the 4-tuple's
+    /// TIME_WAIT is on the client's side, behind the frontend. (FINs that cross leave both ends in
+    /// TIME_WAIT; they are told apart only by which reached the gateway first.)
     Closing = 6,
     /// Either side sent RST.
     Reset = 7,
@@ -212,8 +213,8 @@ pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_
 /// For the last resort, a port held by a connection quiet for `quiet_ns` and not reclaimable:
 /// how long until it is free anyway, plus one (the lowest goes first), if the connection has
 /// ended and been quiet [`RECLAIM_MIN_QUIET_NS`]; else 0, not a candidate. A port a backend holds
-/// in TIME_WAIT thus goes only when every other candidate does too. (Ranks compare within one
-/// SYN's probes, all at the same `now`.)
+/// in TIME_WAIT thus goes before one merely in its 1 s grace only in that TIME_WAIT's last
+/// second. (Ranks compare within one SYN's probes, all at the same `now`.)
 #[inline(always)]
 pub const fn last_resort_rank(state: u8, quiet_ns: u64) -> u64 {
     if !ended(state) || quiet_ns < RECLAIM_MIN_QUIET_NS {
@@ -395,13 +396,25 @@ mod tests {
         assert_ne!(last_resort_rank(closing, RECLAIM_MIN_QUIET_NS), 0);
         assert_eq!(last_resort_rank(State::Established as u8, 60 * SEC), 0, "open connections are never candidates");
         assert_eq!(last_resort_rank(State::FinFromBackend as u8, 60 * SEC), 0);
-        // A port in the backend's TIME_WAIT ranks after one merely in its grace, however much
-        // longer it has been quiet.
+        // A port in the backend's TIME_WAIT ranks after one merely in its grace, though quiet
+        // far longer, until its TIME_WAIT's last second.
         assert!(last_resort_rank(closing, SEC / 2) < last_resort_rank(tw, 60 * SEC));
+        assert!(last_resort_rank(closing, SEC / 2) > last_resort_rank(tw, BACKEND_TIME_WAIT_NS - SEC / 4));
         assert!(last_resort_rank(reset, SEC / 2) < last_resort_rank(tw, 60 * SEC));
         // Among equals, the one quiet longest first.
         assert!(last_resort_rank(closing, SEC * 3 / 4) < last_resort_rank(closing, SEC / 2));
         assert!(last_resort_rank(tw, 40 * SEC) < last_resort_rank(tw, 30 * SEC));
         assert_ne!(last_resort_rank(closing, 10 * SEC), 0, "never 0 for a candidate");
+    }
+
+    #[test]
+    fn expiry_uses_the_state_timeout() {
+        let t = DEFAULT_TIMEOUTS_NS;
+        let est = State::Established as u8;
+        assert!(!expired(&t, est, 0, 7440 * SEC));
+        assert!(expired(&t, est, 0, 7440 * SEC + 1));
+        assert!(expired(&t, State::SynSent as u8, 0, 31 * SEC));
+        assert!(!expired(&t, est, 100, 50), "a clock behind last_seen is not expiry");
+        assert!(t[State::Established as usize] >= 3600 * SEC, "issue: established idle >= 1 h");
     }
 }

@@ -380,7 +380,8 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     let k = &pkt.key;
     // Both entries are assembled in the per-CPU scratch slot, field by field, not on the stack.
     let slot = SCRATCH.get_ptr_mut(0).ok_or(Counter::DropFlowTableFull)?;
-    // SAFETY: this CPU's slot; nothing else touches it while the program runs here.
+    // SAFETY: this CPU's slot; only this program touches it while it runs here. `take_over`
+    // reads it through a pointer of its own, so `f` is taken afresh after every call that may.
     let f = unsafe { &mut *slot };
     // Replies go back the way the SYN came: out the same interface, to the MAC that sent it.
     // SAFETY: parse bounds-checked the Ethernet header.
@@ -409,6 +410,8 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
     let oldest = unsafe { &mut *oldest };
     oldest.rank = 0;
     for attempt in 0..snat::PROBES {
+        // SAFETY: as above.
+        let f = unsafe { &mut *slot };
         let port = snat::candidate(cfg.snat_port_min, cfg.snat_port_max, hash, attempt).to_be();
         let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
         f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
@@ -447,7 +450,8 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
         None if oldest.rank != 0 => {
             let port = oldest.port;
             let reply_key = FlowKey::tcp(be.addr, be.port, gw_addr, port);
-            f.nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+            // SAFETY: as above.
+            unsafe { (*slot).nat = Nat::new(&reply_key, k.dst_addr, k.dst_port, k.src_addr, k.src_port) };
             let table = if oldest.in_flows { &FLOWS } else { &HALF_OPEN };
             let old = table.get_ptr(&reply_key).ok_or(Counter::DropSnatExhausted)?;
             // SAFETY: a live map value, read only.
@@ -459,6 +463,8 @@ fn try_open<C: Frame>(ctx: &C, pkt: &Packet, fe: &Frontend, cfg: &Config, now: u
         None => return Err(Counter::DropSnatExhausted),
     };
 
+    // SAFETY: as above.
+    let f = unsafe { &mut *slot };
     f.nat = Nat::new(k, gw_addr, port, be.addr, be.port);
     f.next_hop = route.next_hop;
     f.packets = 1;

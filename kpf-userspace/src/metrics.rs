@@ -71,7 +71,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 /// listener may face a network) from using up the daemon's file descriptors, which its control
 /// socket, netlink and map operations need too. Past it, a new connection is closed unanswered.
 pub const MAX_CONNECTIONS: usize = 32;
-/// How long a connection may take to send its request, and apart from that to take the answer.
+/// How long a connection may take to send its request, the daemon to answer it, and the
+/// connection to take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one log line per this long about connections refused at the cap.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -129,11 +130,13 @@ async fn connection(mut stream: TcpStream, calls: mpsc::Sender<Call>) {
         (Some("GET"), Some("/metrics")) => {
             let (reply, answer) = oneshot::channel();
             let (_written_tx, written) = oneshot::channel();
-            if calls.send(Call { request: Request::Metrics {}, uid: u32::MAX, reply, written }).await.is_err() {
-                return;
-            }
-            match answer.await {
-                Ok(Response::Ok { ok }) => {
+            // Bounded too: a daemon busy converging a large change must not keep the slot.
+            let asked = tokio::time::timeout(IO_TIMEOUT, async {
+                calls.send(Call { request: Request::Metrics {}, uid: u32::MAX, reply, written }).await.ok()?;
+                answer.await.ok()
+            });
+            match asked.await {
+                Ok(Some(Response::Ok { ok })) => {
                     let body = ok.as_str().unwrap_or_default().to_owned();
                     format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
                 }

@@ -24,12 +24,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let flows: Vec<FlowView> = serde_json::from_value(answer)?;
     println!(
-        "{:<22} {:<22} {:<22} {:<22} {:<16} {:>8} {:>8} {:>12}",
+        "{:<22} {:<22} {:<22} {:<22} {:<17} {:>8} {:>8} {:>12}",
         "CLIENT", "FRONTEND", "GATEWAY", "BACKEND", "STATE", "AGE", "IDLE", "BYTES"
     );
     for f in &flows {
         println!(
-            "{:<22} {:<22} {:<22} {:<22} {:<16} {:>7}s {:>7}s {:>12}",
+            "{:<22} {:<22} {:<22} {:<22} {:<17} {:>7}s {:>7}s {:>12}",
             f.client, f.frontend, f.gateway, f.backend, f.state, f.age_s, f.idle_s, f.bytes
         );
     }

@@ -1969,7 +1969,7 @@ impl<'a> Harness<'a> {
                 self.dp.set_kernel_config(&self.config)?;
             }
             Setup::Timeout(state, ns) => {
-                self.config.timeouts_ns[state as usize] = ns;
+                self.config.timeouts_ns[State::slot(state as u8)] = ns;
                 self.dp.set_kernel_config(&self.config)?;
             }
             Setup::DefaultTimeouts => {
