@@ -383,6 +383,12 @@ impl Dataplane {
             return Ok(Attached::Adopted(m));
         }
         let has_xdp = |modes: &[AttachMode]| modes.iter().any(|m| *m != AttachMode::Tc);
+        if has_xdp(&existing) && wanted.contains(&AttachMode::Tc) {
+            match self.attach_new(iface, Mode::Tc) {
+                Ok((_, tc)) => return self.switch_through_tc(iface, ifindex, mode, existing, tc, pins),
+                Err(e) => log::warn!("{iface}: {} unavailable ({e}); switching XDP mode directly", AttachMode::Tc.describe()),
+            }
+        }
         let mut replaced = None;
         if has_xdp(&existing) && has_xdp(wanted) {
             // One XDP program per interface: the old one must go first, and for that moment
@@ -415,6 +421,46 @@ impl Dataplane {
             unpin_link_mode(pins, ifindex, old)?;
         }
         Ok(Attached::Fresh(m))
+    }
+
+    /// From an XDP mode `mode` does not allow (generic, under `auto`) to `mode`'s, without a
+    /// moment unforwarded: `tc`, just attached, runs beside the old XDP link (XDP, first in line,
+    /// goes on handling every packet); then the old link goes, then native XDP is attached if
+    /// `mode` prefers it and the driver takes it (it runs before tc from its first packet), and
+    /// tc goes.
+    fn switch_through_tc(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: Mode,
+        existing: Vec<AttachMode>,
+        tc: FdLink,
+        pins: &PinDir,
+    ) -> Result<Attached> {
+        pin_link(tc, &pins.link(ifindex, AttachMode::Tc.as_str()))?;
+        let from = existing.iter().find(|m| **m != AttachMode::Tc).copied().unwrap_or(AttachMode::Generic);
+        for old in existing {
+            unpin_link_mode(pins, ifindex, old)?;
+        }
+        if AttachMode::candidates(mode).contains(&AttachMode::Native) {
+            match self.attach_xdp(iface, ifindex, AttachMode::Native) {
+                Ok(link) => {
+                    pin_link(link, &pins.link(ifindex, AttachMode::Native.as_str()))?;
+                    unpin_link_mode(pins, ifindex, AttachMode::Tc)?;
+                    self.attachments.retain(|a| a.ifindex != ifindex);
+                    self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: AttachMode::Native });
+                    log::info!(
+                        "{iface}: switched from {} to {} without a gap (through tc ingress)",
+                        from.describe(),
+                        AttachMode::Native.describe()
+                    );
+                    return Ok(Attached::Fresh(AttachMode::Native));
+                }
+                Err(e) => log::warn!("{iface}: {} unavailable ({e}); staying in tc", AttachMode::Native.describe()),
+            }
+        }
+        log::info!("{iface}: switched from {} to {} without a gap", from.describe(), AttachMode::Tc.describe());
+        Ok(Attached::Fresh(AttachMode::Tc))
     }
 
     /// Puts back (and pins) the XDP link in mode `m` that a failed switch to another XDP mode

@@ -770,7 +770,15 @@ fn restart_tc_keeps_flows() {
     // Switching between tc and XDP is a restart with another mode: the new link is attached
     // before the old one goes, so no packet reaches the gateway's own stack (which would reset
     // the streams).
-    for (from, to, described) in [("tc", "native", "from tc ingress to native XDP"), ("native", "tc", "from native XDP to tc ingress")] {
+    // From generic XDP, `auto` (native here) goes through tc: native and generic XDP cannot be
+    // attached at once, tc can beside either.
+    for (from, to, described) in [
+        ("tc", "native", "from tc ingress to native XDP"),
+        ("native", "tc", "from native XDP to tc ingress"),
+        ("tc", "generic", "from tc ingress to generic XDP"),
+        ("generic", "auto", "from generic XDP to native XDP without a gap (through tc ingress)"),
+        ("auto", "tc", "from native XDP to tc ingress"),
+    ] {
         let stopped = s.kpf.take().unwrap().terminate();
         assert!(stopped.status.success(), "{stopped:?}");
         let text = std::fs::read_to_string(&s.config_path).expect("reading the config");
@@ -778,9 +786,11 @@ fn restart_tc_keeps_flows() {
         assert_ne!(text, switched, "the config names mode {from}");
         std::fs::write(&s.config_path, switched).expect("writing the config");
         s.start(&binary);
-        wait_for(SOON, "kpf to log the switch", || s.kpf().log().contains(&format!("switched {described} without a gap")).then_some(()));
+        let described = if described.ends_with(')') { described.to_owned() } else { format!("{described} without a gap") };
+        wait_for(SOON, "kpf to log the switch", || s.kpf().log().contains(&format!("switched {described}")).then_some(()));
+        assert!(!s.kpf().log().contains("forwarding stops"), "switching {from} -> {to}:\n{}", s.kpf().log());
         let (xdp, tc) = (s.xdp_prog_id(), tc_prog_id(&s.topo.gateway, "eth0"));
-        assert_eq!((xdp.is_some(), tc.is_some()), (to == "native", to == "tc"), "after switching to {to}: XDP {xdp:?}, tc {tc:?}");
+        assert_eq!((xdp.is_some(), tc.is_some()), (to != "tc", to == "tc"), "after switching to {to}: XDP {xdp:?}, tc {tc:?}");
         streams.wait_all_advance(5, SOON).unwrap_or_else(|e| panic!("streams after switching to {to}: {e}"));
         assert_eq!(s.who(9094).expect("a new connection after the switch"), "b2");
         step(&mut t, &format!("switched {from} -> {to}"));
