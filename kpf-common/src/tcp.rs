@@ -207,7 +207,7 @@ pub const fn reclaim_grace_ns(state: u8) -> u64 {
 #[inline(always)]
 pub const fn reclaimable(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
     let quiet = now_ns.saturating_sub(last_seen_ns);
-    (ended(state) && quiet > reclaim_grace_ns(state)) || expired(timeouts_ns, state, last_seen_ns, now_ns)
+    (ended(state) && quiet > reclaim_grace_ns(state)) || timed_out(timeouts_ns, state, quiet)
 }
 
 /// For the last resort, a port held by a connection quiet for `quiet_ns` and not reclaimable:
@@ -228,9 +228,14 @@ pub const fn last_resort_rank(state: u8, quiet_ns: u64) -> u64 {
 /// (its port must stay held that long, however short the closing timeout).
 #[inline(always)]
 pub const fn expired(timeouts_ns: &[u64; STATE_COUNT], state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let quiet = now_ns.saturating_sub(last_seen_ns);
+    timed_out(timeouts_ns, state, now_ns.saturating_sub(last_seen_ns))
+}
+
+/// [`expired`], for an entry quiet for `quiet_ns`.
+#[inline(always)]
+const fn timed_out(timeouts_ns: &[u64; STATE_COUNT], state: u8, quiet_ns: u64) -> bool {
     // The slot's timeout first: every packet asks, and a live entry is answered by one compare.
-    quiet > timeouts_ns[State::slot(state)] && (state != State::BackendTimeWait as u8 || quiet > BACKEND_TIME_WAIT_NS)
+    quiet_ns > timeouts_ns[State::slot(state)] && (state != State::BackendTimeWait as u8 || quiet_ns > BACKEND_TIME_WAIT_NS)
 }
 
 #[cfg(test)]

@@ -84,9 +84,9 @@ impl<const SKB: bool> Xdp<SKB> {
         if !SKB {
             return L4Csum::Full;
         }
-        // SAFETY: parse bounds-checked the IPv4 header.
-        let ihl = unsafe { (*pkt.ip).vihl } & 0x0f;
-        nat::skb_l4_csum(check, pkt.key.src_addr, pkt.key.dst_addr, pkt.ip_len - ihl as u16 * 4)
+        // The IPv4 header's length as parse found it, from where it put the TCP header.
+        let ihl = (pkt.tcp as usize - pkt.ip as usize) as u16;
+        nat::skb_l4_csum(check, pkt.key.src_addr, pkt.key.dst_addr, pkt.ip_len - ihl)
     }
 }
 

@@ -447,8 +447,9 @@ impl Dataplane {
                 Ok(link) => {
                     pin_link(link, &pins.link(ifindex, AttachMode::Native.as_str()))?;
                     unpin_link_mode(pins, ifindex, AttachMode::Tc)?;
-                    self.attachments.retain(|a| a.ifindex != ifindex);
-                    self.attachments.push(Attachment { iface: iface.to_owned(), ifindex, mode: AttachMode::Native });
+                    if let Some(a) = self.attachments.iter_mut().find(|a| a.ifindex == ifindex) {
+                        a.mode = AttachMode::Native;
+                    }
                     log::info!(
                         "{iface}: switched from {} to {} without a gap (through tc ingress)",
                         from.describe(),
