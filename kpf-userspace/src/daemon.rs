@@ -392,6 +392,42 @@ impl Daemon {
                 log::error!("cannot publish the new FIB generation: {e}");
             }
         }
+        let needed = self.needed_next_hops();
+        self.release_next_hops(|dev, addr| !needed.contains(&(dev.to_owned(), addr)));
+    }
+
+    /// The (interface, next hop) pairs the configured and still-draining backends use: each
+    /// backend's route as last sampled, or as last resolved while its route cannot be looked up
+    /// (a moment without a route must not lose its entry).
+    fn needed_next_hops(&self) -> HashSet<(String, Ipv4Addr)> {
+        let drained = self.removed_drains.iter().map(|d| *d.addr.ip());
+        self.backend_ips()
+            .into_iter()
+            .chain(drained)
+            .filter_map(|b| match self.next_hops.get(&b) {
+                Some(Some((route, _))) => Some(route),
+                _ => self.resolved_hops.get(&b).map(|(route, _)| route),
+            })
+            .map(|r| (r.dev.clone(), r.next_hop))
+            .collect()
+    }
+
+    /// Hands kpf's managed neighbour entries on this daemon's interfaces that `unneeded` picks
+    /// back to the kernel (see `neigh`): made by this daemon or an earlier one, for backends
+    /// since removed or moved. Entries on other interfaces are no next hop this daemon can
+    /// forward to, and may be another kpf's.
+    fn release_next_hops(&self, unneeded: impl Fn(&str, Ipv4Addr) -> bool) {
+        let ours = match neigh::ours() {
+            Ok(list) => list,
+            Err(e) => return log::warn!("listing kpf's neighbour entries: {e}"),
+        };
+        let mine = |dev: &str| self.config.interfaces.iter().any(|i| i == dev);
+        for (dev, addr) in ours.into_iter().filter(|(dev, addr)| mine(dev) && unneeded(dev, *addr)) {
+            match neigh::release(&dev, addr) {
+                Ok(()) => log::info!("next hop {addr} on {dev}: no backend uses it; no longer kept resolved"),
+                Err(e) => log::warn!("next hop {addr} on {dev}: cannot stop keeping it resolved: {e}"),
+            }
+        }
     }
 
     /// Records a sample of `backend`'s next hop (and, if resolved, as what connections may
@@ -594,6 +630,7 @@ impl Daemon {
             Request::Down {} => {
                 let removed = self.pins.remove_all()?;
                 log::info!("down: unpinned {} object(s) from {}; detaching", removed.len(), self.pins.root().display());
+                self.release_next_hops(|_, _| true);
                 json(&removed.len())
             }
         }

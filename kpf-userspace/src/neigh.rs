@@ -6,12 +6,22 @@
 //! neighbour entry (`ip neigh ... managed`, Linux 5.16+) for every backend's next hop, which the
 //! kernel resolves and refreshes by itself. Whenever a route or a resolved MAC changes, the
 //! daemon bumps the FIB generation and connections look their next hop up again.
+//!
+//! The kernel keeps probing a managed entry for as long as it exists, even one for a broker that
+//! is long gone. So the entries kpf makes managed carry its neighbour protocol ([`PROTOCOL`]),
+//! which outlives the daemon, and a later daemon (or `kpf down`) hands those no backend needs
+//! back to the kernel's usual ageing; entries an operator made are told apart by the tag.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// The protocol kpf tags its managed neighbour entries with (`ip neigh ... proto 107`), so it
+/// finds them again across restarts without touching an operator's. Any value the kernel does
+/// not use itself would do; 107 is in no iproute2 or kernel list.
+pub const PROTOCOL: u8 = 107;
 
 /// Where the kernel sends packets for one backend.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,6 +77,23 @@ struct NeighJson {
     /// Present (as null) when the entry has the managed flag.
     #[serde(default, deserialize_with = "present")]
     managed: bool,
+    /// Its protocol, as a number (`ip -N`); absent when unset.
+    protocol: Option<String>,
+}
+
+impl NeighJson {
+    fn ours(&self) -> bool {
+        self.protocol.as_deref() == Some(PROTOCOL.to_string().as_str())
+    }
+}
+
+/// One entry of a neighbour listing.
+#[derive(Deserialize)]
+struct ListedNeighJson {
+    dst: Ipv4Addr,
+    dev: String,
+    #[serde(flatten)]
+    neigh: NeighJson,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -102,21 +129,51 @@ pub fn route_to(backend: Ipv4Addr) -> Result<Route> {
 }
 
 fn neighbour(route: &Route) -> Result<Option<NeighJson>> {
-    let text = ip(&["-j", "neigh", "show", &route.next_hop.to_string(), "dev", &route.dev])?;
+    let text = ip(&["-N", "-j", "neigh", "show", &route.next_hop.to_string(), "dev", &route.dev])?;
     let n: Vec<NeighJson> = serde_json::from_str(&text)
         .map_err(|e| Error::Environment(format!("unexpected `ip -j neigh` output {text:?}: {e}")))?;
     Ok(n.into_iter().next())
 }
 
 /// Makes sure the kernel keeps `route`'s next hop resolved. A permanent (static) entry an
-/// operator made is left alone.
+/// operator made is left alone, and a managed one keeps its owner's protocol.
 pub fn keep_resolved(route: &Route) -> Result<()> {
-    if let Some(n) = neighbour(route)?
+    let existing = neighbour(route)?;
+    if let Some(n) = &existing
         && n.state.iter().any(|s| s == "PERMANENT" || s == "NOARP")
     {
         return Ok(());
     }
-    ip(&["neigh", "replace", &route.next_hop.to_string(), "dev", &route.dev, "managed"]).map(drop)
+    let (addr, proto) = (route.next_hop.to_string(), PROTOCOL.to_string());
+    let mut args = vec!["neigh", "replace", &addr, "dev", &route.dev, "managed"];
+    // Without a protocol attribute the kernel keeps the entry's own.
+    if !existing.is_some_and(|n| n.managed && !n.ours()) {
+        args.extend(["protocol", &proto]);
+    }
+    ip(&args).map(drop)
+}
+
+/// The managed entries kpf made (tagged with [`PROTOCOL`]), as (interface, address).
+pub fn ours() -> Result<Vec<(String, Ipv4Addr)>> {
+    ours_in(&ip(&["-4", "-N", "-j", "neigh", "show"])?)
+}
+
+fn ours_in(listing: &str) -> Result<Vec<(String, Ipv4Addr)>> {
+    let list: Vec<ListedNeighJson> = serde_json::from_str(listing)
+        .map_err(|e| Error::Environment(format!("unexpected `ip -j neigh show` output: {e}")))?;
+    Ok(list.into_iter().filter(|n| n.neigh.managed && n.neigh.ours()).map(|n| (n.dev, n.dst)).collect())
+}
+
+/// Hands one of kpf's managed entries back to the kernel's usual ageing: it stays, unmanaged and
+/// stale, with the MAC it had (connections still draining to it can look it up; the kernel
+/// confirms it again if anything sends there, or forgets it), or goes if it has no MAC.
+pub fn release(dev: &str, addr: Ipv4Addr) -> Result<()> {
+    let addr = addr.to_string();
+    match ip(&["neigh", "change", &addr, "dev", dev, "nud", "stale"]) {
+        Ok(_) => Ok(()),
+        // "No link layer address given": unresolved, nothing to keep.
+        Err(_) => ip(&["neigh", "del", &addr, "dev", dev]).map(drop),
+    }
 }
 
 /// The current routes and neighbour states of `backends`' next hops; an entry per backend.
@@ -183,6 +240,22 @@ mod tests {
                 moved
             })
             .collect()
+    }
+
+    #[test]
+    fn only_managed_entries_with_kpfs_protocol_are_ours() {
+        // As `ip -4 -N -j neigh show` prints them.
+        let listing = r#"[
+            {"dst":"10.0.0.1","dev":"eth0","lladdr":"02:00:00:00:00:01","managed":null,"state":["REACHABLE"],"protocol":"107"},
+            {"dst":"10.0.0.2","dev":"eth1","managed":null,"state":["FAILED"],"protocol":"107"},
+            {"dst":"10.0.0.3","dev":"eth0","lladdr":"02:00:00:00:00:03","managed":null,"state":["REACHABLE"]},
+            {"dst":"10.0.0.4","dev":"eth0","lladdr":"02:00:00:00:00:04","managed":null,"state":["STALE"],"protocol":"12"},
+            {"dst":"10.0.0.5","dev":"eth0","lladdr":"02:00:00:00:00:05","state":["STALE"],"protocol":"107"},
+            {"dst":"10.0.0.6","dev":"eth0","lladdr":"02:00:00:00:00:06","state":["PERMANENT"]}
+        ]"#;
+        let ours = ours_in(listing).unwrap();
+        assert_eq!(ours, [("eth0".to_owned(), Ipv4Addr::new(10, 0, 0, 1)), ("eth1".to_owned(), Ipv4Addr::new(10, 0, 0, 2))]);
+        assert!(ours_in("not json").is_err());
     }
 
     #[test]

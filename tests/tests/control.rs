@@ -947,6 +947,72 @@ fn expect_backend_reset(b: &Backend) {
     );
 }
 
+/// The gateway's neighbour entries on eth0: address -> (managed, protocol number, has a MAC).
+fn neighbours(gateway: &Netns) -> BTreeMap<Ipv4Addr, (bool, Option<String>, bool)> {
+    let text = gateway.ip(&["-4", "-N", "-j", "neigh", "show", "dev", "eth0"]).expect("ip neigh show");
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("ip -j neigh show: {e}: {text}"));
+    list.iter()
+        .map(|n| {
+            let dst = n["dst"].as_str().and_then(|d| d.parse().ok()).unwrap_or_else(|| panic!("no dst in {n}"));
+            let proto = n.get("protocol").and_then(Value::as_str).map(str::to_owned);
+            (dst, (n.get("managed").is_some(), proto, n.get("lladdr").is_some()))
+        })
+        .collect()
+}
+
+/// kpf's own neighbour entry: managed, tagged with its protocol (107).
+fn kept_by_kpf(n: &BTreeMap<Ipv4Addr, (bool, Option<String>, bool)>, addr: Ipv4Addr) -> bool {
+    n.get(&addr).is_some_and(|(managed, proto, _)| *managed && proto.as_deref() == Some("107"))
+}
+
+/// The kernel keeps probing a managed neighbour entry for as long as it exists: kpf keeps its
+/// backends' next hops managed and tags them, hands back the ones no backend uses any more
+/// (on a change, at a start after a restart, at `kpf down`), keeping their MAC, and leaves
+/// an operator's managed entry alone.
+#[test]
+fn neighbour_entries_follow_the_backends() {
+    let Some(_serial) = begin("neighbour_entries_follow_the_backends") else { return };
+    let total = Instant::now();
+    let mut s = Setup::new(&initial());
+    let binary = s.kpf().binary().to_owned();
+    let [b1, b2, b3] = [0, 1, 2].map(|i| *s.backend(i).ip());
+    let n = neighbours(&s.topo.gateway);
+    for b in [b1, b2, b3] {
+        assert!(kept_by_kpf(&n, b), "backend {b}'s next hop is not kept by kpf after the start: {n:?}");
+    }
+
+    // An operator's managed entry, and one a kpf before this one left for a broker gone since.
+    let (operators, left_over) = (Ipv4Addr::new(10, 100, 0, 30), Ipv4Addr::new(10, 100, 0, 31));
+    s.topo.gateway.ip(&["neigh", "replace", &operators.to_string(), "dev", "eth0", "managed"]).unwrap();
+    s.cli.ok(&["map", "rm", "9095"]).expect("kpf map rm 9095");
+    let n = wait_for(SOON, "b3's next hop to be handed back after its frontend's removal", || {
+        let n = neighbours(&s.topo.gateway);
+        (!kept_by_kpf(&n, b3)).then_some(n)
+    });
+    assert!(n.get(&b3).is_some_and(|&(managed, _, mac)| !managed && mac), "b3's entry keeps its MAC, unmanaged: {n:?}");
+    assert!(kept_by_kpf(&n, b1) && kept_by_kpf(&n, b2), "b1's and b2's next hops are still kept: {n:?}");
+    assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry is left alone: {n:?}");
+
+    s.kpf.take().unwrap().terminate();
+    s.topo.gateway.ip(&["neigh", "replace", &left_over.to_string(), "dev", "eth0", "managed", "protocol", "107"]).unwrap();
+    s.start(&binary);
+    // The start hands it back before the daemon answers.
+    let n = neighbours(&s.topo.gateway);
+    assert!(!kept_by_kpf(&n, left_over), "the earlier kpf's entry for a gone broker is still kept after the start: {n:?}");
+    assert!(kept_by_kpf(&n, b1) && kept_by_kpf(&n, b2), "b1's and b2's next hops after the restart: {n:?}");
+    assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry after the restart: {n:?}");
+
+    let stopped = s.kpf.take().unwrap().stop();
+    assert!(stopped.is_clean(), "kpf did not stop cleanly: {stopped:?}");
+    let n = neighbours(&s.topo.gateway);
+    for b in [b1, b2] {
+        assert!(n.get(&b).is_some_and(|&(managed, _, mac)| !managed && mac), "{b}'s entry after kpf down: {n:?}");
+    }
+    assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry after kpf down: {n:?}");
+    s.finish();
+    eprintln!("  total: {:.2?}", total.elapsed());
+}
+
 /// A backend replaced while it drains (`backend drain --timeout`, then `map set` to another
 /// backend: the usual broker replacement) still has its remaining connections reset at the
 /// deadline, though no frontend names it any more.
