@@ -7,7 +7,7 @@
 //! every byte a receiver acknowledges has passed kpf, so a real sender's segments are never far
 //! from it, while a blind guess lands there once in 2^32 / (2 * WINDOW) tries.
 
-use crate::tcp::{FIN, RST, SYN};
+use crate::tcp::{ACK, FIN, RST, SYN};
 
 /// How far from a direction's `next_seq` a segment may start or end and still count: four of
 /// the largest segments kpf can see (64 KiB GSO packets in the skb modes), so that packets of
@@ -50,6 +50,14 @@ pub const fn credible(flags: u8, seq: u32, payload: u32, next_seq: u32) -> u8 {
         return flags & !FIN;
     }
     flags
+}
+
+/// A segment with `flags` and acknowledgment number `ack` acknowledges everything the other
+/// side has sent, up to that side's `next_seq` (its FIN included, once seen): its sender had it
+/// all when it sent this. (Every byte a receiver acknowledges has passed kpf first.)
+#[inline(always)]
+pub const fn acknowledges(flags: u8, ack: u32, next_seq: u32) -> bool {
+    flags & ACK != 0 && ack.wrapping_sub(next_seq) as i32 >= 0
 }
 
 /// A direction's `next_seq` after its sender's segment (`seq`, `payload`, `flags`). During the
@@ -130,6 +138,17 @@ mod tests {
         assert_eq!(track(n, n, 0, FIN | ACK, false), n + 1);
         assert_eq!(track(n, n, 0, RST | ACK, false), n, "an RST does not move it");
         assert_eq!(track(n, n + 1, 0, RST | ACK, false), n);
+    }
+
+    #[test]
+    fn acknowledging_the_other_sides_fin() {
+        let client_next = 1002; // after the client's FIN at 1001
+        assert!(acknowledges(FIN | ACK, 1002, client_next), "the FIN's own number");
+        assert!(!acknowledges(FIN | ACK, 1001, client_next), "sent before the FIN arrived");
+        assert!(!acknowledges(FIN | ACK, 500, client_next), "before some data too");
+        assert!(!acknowledges(FIN, 1002, client_next), "no ACK flag, no acknowledgment");
+        assert!(acknowledges(ACK, 3, u32::MAX - 1), "across the wrap");
+        assert!(!acknowledges(ACK, u32::MAX - 2, 1), "behind, across the wrap");
     }
 
     #[test]

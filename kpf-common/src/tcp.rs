@@ -22,13 +22,14 @@ pub enum State {
     FinFromClient = 4,
     /// The backend sent FIN; the client may still send.
     FinFromBackend = 5,
-    /// Both sides sent FIN, the client first: only the last ACKs remain, and the 4-tuple's
-    /// TIME_WAIT is on the client's side, behind the frontend. (FINs that cross leave both ends in
-    /// TIME_WAIT; they are told apart only by which reached the gateway first.)
+    /// Both sides sent FIN, the client first and the backend after it had the client's: only the
+    /// last ACKs remain, and the 4-tuple's TIME_WAIT is on the client's side, behind the frontend.
     Closing = 6,
     /// Either side sent RST.
     Reset = 7,
-    /// Both sides sent FIN, the backend first: the backend holds the SNAT 4-tuple in TIME_WAIT
+    /// Both sides sent FIN, the backend first, or the two FINs crossed (the backend's did not
+    /// acknowledge the client's, which then reached a backend that had closed too: both ends
+    /// hold TIME_WAIT): the backend holds the SNAT 4-tuple in TIME_WAIT
     /// (see [`BACKEND_TIME_WAIT_NS`]), and a new connection on it could be refused. Shares
     /// `Closing`'s slot in per-state tables (14 & 7 = 6): their length, and with it the pinned
     /// map layout, stays as it was, so an upgrade keeps every connection.
@@ -114,9 +115,12 @@ pub const fn is_new_connection(flags: u8) -> bool {
     flags & (SYN | ACK | FIN | RST) == SYN
 }
 
-/// The state after a packet with `flags` travelling in `dir` is seen in `state`.
+/// The state after a packet with `flags` travelling in `dir` is seen in `state`. `crossing`: the
+/// packet is a FIN that does not acknowledge the other side's FIN (see [`crate::seq::acknowledges`]),
+/// so its sender closed before it had the other's; only the backend's FIN after the client's
+/// asks (the other way round, the backend holds TIME_WAIT either way).
 #[inline(always)]
-pub const fn next(state: State, dir: Direction, flags: u8) -> State {
+pub const fn next(state: State, dir: Direction, flags: u8, crossing: bool) -> State {
     if flags & RST != 0 {
         return State::Reset;
     }
@@ -147,7 +151,13 @@ pub const fn next(state: State, dir: Direction, flags: u8) -> State {
             }
         }
         State::FinFromClient => {
-            if fin && !from_client { State::Closing } else { State::FinFromClient }
+            if !fin || from_client {
+                State::FinFromClient
+            } else if crossing {
+                State::BackendTimeWait
+            } else {
+                State::Closing
+            }
         }
         State::FinFromBackend => {
             if fin && from_client { State::BackendTimeWait } else { State::FinFromBackend }
@@ -246,7 +256,7 @@ mod tests {
     fn run(steps: &[(Direction, u8)]) -> State {
         let mut s = State::SynSent;
         for &(d, f) in steps {
-            s = next(s, d, f);
+            s = next(s, d, f, false);
         }
         s
     }
@@ -276,7 +286,21 @@ mod tests {
         let s = run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK), (B, FIN | ACK), (C, FIN | ACK)]);
         assert_eq!(s, State::BackendTimeWait);
         assert_eq!(run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK), (C, FIN | ACK), (B, ACK), (C, FIN | ACK)]), s);
-        assert_eq!(next(s, B, RST), State::Reset, "an RST ends TIME_WAIT (RFC 1337 is off by default)");
+        assert_eq!(next(s, B, RST, false), State::Reset, "an RST ends TIME_WAIT (RFC 1337 is off by default)");
+    }
+
+    #[test]
+    fn fins_that_cross_leave_the_backend_in_time_wait() {
+        let half = run(&[(B, SYN | ACK), (C, ACK), (C, FIN | ACK)]);
+        assert_eq!(half, State::FinFromClient);
+        assert_eq!(next(half, B, FIN | ACK, true), State::BackendTimeWait, "the backend closed before it had the client's FIN");
+        assert_eq!(next(half, B, FIN | ACK, false), State::Closing, "the backend closed after it");
+        assert_eq!(next(half, B, ACK, true), half, "no FIN, no change");
+        assert_eq!(next(half, C, FIN | ACK, true), half, "the client's own FIN again");
+        // The backend first: TIME_WAIT on its side whatever the client's FIN acknowledges.
+        let b_first = run(&[(B, SYN | ACK), (C, ACK), (B, FIN | ACK)]);
+        assert_eq!(next(b_first, C, FIN | ACK, true), State::BackendTimeWait);
+        assert_eq!(next(b_first, C, FIN | ACK, false), State::BackendTimeWait);
     }
 
     /// Every state, with the value the kernel stores.
@@ -351,8 +375,10 @@ mod tests {
         for s in ALL {
             for flags in 0..=0x3f {
                 for d in [C, B] {
-                    if next(s, d, flags) != s {
-                        assert!(may_change(s, flags), "{s:?} {d:?} {flags:#x}");
+                    for crossing in [false, true] {
+                        if next(s, d, flags, crossing) != s {
+                            assert!(may_change(s, flags), "{s:?} {d:?} {flags:#x}");
+                        }
                     }
                 }
             }

@@ -66,6 +66,7 @@ pub mod at {
     pub const TCP_PORTS: i16 = offset_of!(TcpHdr, source) as i16;
     pub const TCP_DST_PORT: i16 = offset_of!(TcpHdr, dest) as i16;
     pub const TCP_SEQ: i16 = offset_of!(TcpHdr, seq) as i16;
+    pub const TCP_ACK_SEQ: i16 = offset_of!(TcpHdr, ack_seq) as i16;
     /// The data offset byte, then the flags byte.
     pub const TCP_OFF_FLAGS: i16 = offset_of!(TcpHdr, _bitfield_1) as i16;
     pub const TCP_CHECK: i16 = offset_of!(TcpHdr, check) as i16;

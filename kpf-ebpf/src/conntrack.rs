@@ -142,7 +142,7 @@ fn promote(key: &FlowKey, reply_key: &FlowKey) -> Option<&'static mut Flow> {
 /// from each side at the same moment left both entries with one FIN (never `Closing`), holding
 /// the connection's SNAT port until the FIN timeout.
 #[inline(always)]
-fn advance(entry: &mut Flow, dir: Direction, flags: u8) -> Option<State> {
+fn advance(entry: &mut Flow, dir: Direction, flags: u8, crossing: bool) -> Option<State> {
     // BPF has compare-and-exchange on 4 and 8 bytes; `state` sits in the 8-byte-aligned word
     // (next_seq, state, direction, padding), asserted in kpf-common. A concurrent plain store to
     // next_seq only makes the exchange fail and retry; a successful one writes back the next_seq
@@ -155,7 +155,7 @@ fn advance(entry: &mut Flow, dir: Direction, flags: u8) -> Option<State> {
     for _ in 0..4 {
         let mut bytes = cur.to_ne_bytes();
         let state = State::from_u8(bytes[STATE_BYTE])?;
-        let next = tcp::next(state, dir, flags);
+        let next = tcp::next(state, dir, flags, crossing);
         if next == state {
             return None;
         }
@@ -194,6 +194,33 @@ unsafe fn cmpxchg64(ptr: *mut u64, expected: u64, new: u64) -> u64 {
     r0
 }
 
+/// Applies a packet that may change the connection's state (with `flags`, as far as they are
+/// credible, and acknowledgment number `ack`) to both directions' entries; returns this entry's
+/// new state if it changed. Out of line: only FINs, RSTs, SYNs and the handshake's last ACK come
+/// here, and their locals would otherwise sit on the frame of the common path, whose deepest
+/// call chain (a new connection's) is at the verifier's stack limit.
+#[inline(never)]
+fn transition(table: &'static LruHashMap<FlowKey, Flow>, flow: &mut Flow, flags: u8, ack: u32) -> Option<State> {
+    let state = State::from_u8(flow.state)?;
+    let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
+    let reply_key = FlowKey::reply_of(&flow.nat);
+    // The backend's FIN after the client's: whether the backend had the client's FIN when it
+    // sent its own decides which end holds TIME_WAIT. The client's entry knows how far it got.
+    let crossing = flags & tcp::FIN != 0
+        && matches!((state, dir), (State::FinFromClient, Direction::Reply))
+        && match table.get_ptr(&reply_key) {
+            // SAFETY: a live map value.
+            Some(client) => !kpf_common::seq::acknowledges(flags, ack, unsafe { (*client).next_seq }),
+            None => false,
+        };
+    let next = advance(flow, dir, flags, crossing)?;
+    if let Some(peer) = table.get_ptr_mut(&reply_key) {
+        // SAFETY: a live map value.
+        advance(unsafe { &mut *peer }, dir, flags, crossing);
+    }
+    Some(next)
+}
+
 /// The common case: a packet of a known, live connection.
 #[inline(always)]
 fn established<C: Frame>(
@@ -208,22 +235,17 @@ fn established<C: Frame>(
     if let Some(state) = State::from_u8(flow.state)
         && tcp::may_change(state, pkt.flags)
     {
-        let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
         let flags = kpf_common::seq::credible(pkt.flags, seq, pkt.payload as u32, flow.next_seq);
-        if let Some(next) = advance(flow, dir, flags) {
-            let reply_key = FlowKey::reply_of(&flow.nat);
-            if let Some(peer) = table.get_ptr_mut(&reply_key) {
-                // SAFETY: a live map value.
-                advance(unsafe { &mut *peer }, dir, flags);
-            }
-            // Only the CPU whose update completed the handshake moves the connection.
-            if core::ptr::eq(table, &HALF_OPEN) && next.handshake_done() {
-                match promote(&pkt.key, &reply_key) {
-                    Some(f) => flow = f,
-                    None => {
-                        stats::count(Counter::DropFlowTableFull);
-                        return C::DROP;
-                    }
+        // Only the CPU whose update completed the handshake moves the connection.
+        if let Some(next) = transition(table, flow, flags, pkt.ack_seq())
+            && core::ptr::eq(table, &HALF_OPEN)
+            && next.handshake_done()
+        {
+            match promote(&pkt.key, &FlowKey::reply_of(&flow.nat)) {
+                Some(f) => flow = f,
+                None => {
+                    stats::count(Counter::DropFlowTableFull);
+                    return C::DROP;
                 }
             }
         }

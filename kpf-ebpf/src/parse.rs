@@ -70,6 +70,13 @@ impl Packet {
         u32::from_be(unsafe { load32::<{ at::TCP_SEQ }>(self.tcp as *const u8) })
     }
 
+    /// The segment's acknowledgment number (host order).
+    #[inline(always)]
+    pub fn ack_seq(&self) -> u32 {
+        // SAFETY: parse bounds-checked the TCP header.
+        u32::from_be(unsafe { load32::<{ at::TCP_ACK_SEQ }>(self.tcp as *const u8) })
+    }
+
     /// The sequence number the sender will use after this segment.
     #[inline(always)]
     pub fn next_seq(&self) -> u32 {

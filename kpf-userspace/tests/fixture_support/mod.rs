@@ -1790,6 +1790,60 @@ pub fn fixtures() -> Vec<Fixture> {
         .check(Check::State(t1, BackendTimeWait)),
     );
 
+    // ---- U: FINs that cross ------------------------------------------------------------------------
+    // The client's FIN reaches the gateway first, but the backend had sent its own before the
+    // client's reached it (its FIN acknowledges only the client's data): both ends close actively
+    // and both hold TIME_WAIT, the backend's on the SNAT 4-tuple. (T2 above is the other case: the
+    // backend's FIN acknowledges the client's, and the connection is `Closing`.)
+    let u1 = Conn::to_a("U1", 51023);
+    let first = t.len();
+    handshake(&mut t, u1);
+    // Block T's ports are still held.
+    t[first].setup.push(Setup::SnatRange(60006, 60007));
+    t.push(
+        Fixture::client_segment("U1: FIN from the client", u1, false, move |_| {
+            u1.c2f(FIN | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+            })
+        })
+        .check(Check::State(u1, FinFromClient)),
+    );
+    t.push(
+        Fixture::backend_segment("U1: the backend's FIN, sent before the client's arrived (FINs crossed)", u1, move |l| {
+            u1.b2g(l, FIN | ACK).with(|p| {
+                p.seq = 5001;
+                p.ack = 1001;
+            })
+        })
+        .check(Check::State(u1, BackendTimeWait)),
+    );
+    t.push(
+        Fixture::backend_segment("U1: the backend acknowledges the client's FIN", u1, move |l| {
+            u1.b2g(l, ACK).with(|p| {
+                p.seq = 5002;
+                p.ack = 1002;
+            })
+        })
+        .check(Check::State(u1, BackendTimeWait)),
+    );
+    t.push(
+        Fixture::client_segment(
+            "U1: the client's FIN again, past a zero closing timeout: still forwarded (the backend's TIME_WAIT)",
+            u1,
+            false,
+            move |_| {
+                u1.c2f(FIN | ACK).with(|p| {
+                    p.seq = 1001;
+                    p.ack = 5002;
+                })
+            },
+        )
+        .setup(Setup::Timeout(Closing, 0))
+        .setup(Setup::Sleep(Duration::from_millis(30)))
+        .check(Check::State(u1, BackendTimeWait)),
+    );
+
     t
 }
 
