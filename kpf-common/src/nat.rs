@@ -22,6 +22,18 @@ pub struct Nat {
 const _: () = assert!(core::mem::size_of::<Nat>() == 20);
 
 impl Nat {
+    /// Whether `key` is what the other direction's packets carry once this rewrite is applied
+    /// (`FlowKey::reply_of(self) == *key`, field by field, with no key built on the stack): the
+    /// entry under `key` is this connection's peer, not a later connection's that took the key.
+    #[inline(always)]
+    pub const fn answered_by(&self, key: &FlowKey) -> bool {
+        key.src_addr == self.dst_addr
+            && key.dst_addr == self.src_addr
+            && key.src_port == self.dst_port
+            && key.dst_port == self.src_port
+            && key.proto == crate::maps::IPPROTO_TCP
+    }
+
     /// The rewrite that turns packets keyed `from` into `src:sport -> dst:dport`.
     pub const fn new(from: &FlowKey, src_addr: u32, src_port: u16, dst_addr: u32, dst_port: u16) -> Self {
         let addrs = csum::diff32(from.src_addr, src_addr) + csum::diff32(from.dst_addr, dst_addr);
@@ -141,6 +153,27 @@ mod tests {
             u32::from_ne_bytes(addr_of(p, 16)),
             u16::from_ne_bytes([p[ihl + 2], p[ihl + 3]]),
         )
+    }
+
+    #[test]
+    fn answered_by_is_reply_of() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let from = FlowKey::tcp(rng.random(), rng.random(), rng.random(), rng.random());
+            let nat = Nat::new(&from, rng.random(), rng.random(), rng.random(), rng.random());
+            let reply = FlowKey::reply_of(&nat);
+            assert!(nat.answered_by(&reply));
+            // Any one field off: another connection's key.
+            let mut other = reply;
+            match rng.random_range(0..5) {
+                0 => other.src_addr ^= 1,
+                1 => other.dst_addr ^= 1 << 31,
+                2 => other.src_port ^= 1,
+                3 => other.dst_port ^= 0x100,
+                _ => other.proto = 17,
+            }
+            assert!(!nat.answered_by(&other), "{other:?}");
+        }
     }
 
     #[test]

@@ -59,8 +59,9 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, u32> {
         }
         if reopen {
             // A new connection on a finished 4-tuple gets a fresh SNAT binding: both old entries
-            // go, the reply one so its port is free again.
-            let _ = table.remove(&FlowKey::reply_of(&flow.nat));
+            // go, the reply one so its port is free again, if it is still this connection's
+            // (once its own went, evicted or collected, a later connection may hold the port).
+            remove_peer(table, &flow.nat, &pkt.key);
             let _ = table.remove(&pkt.key);
         }
     }
@@ -338,6 +339,19 @@ const TAKEN_OVER: u64 = u64::MAX;
 /// [`reclaim`] found the port held by a connection that has not ended.
 const IN_USE: u64 = 0;
 
+/// Removes the other direction's entry of the connection whose entry under `key` has rewrite
+/// `nat`, if that entry still belongs to it (its own rewrite leads back to `key`).
+#[inline(always)]
+fn remove_peer(table: &LruHashMap<FlowKey, Flow>, nat: &Nat, key: &FlowKey) {
+    let peer_key = FlowKey::reply_of(nat);
+    if let Some(peer) = table.get_ptr(&peer_key)
+        // SAFETY: a live map value, read only.
+        && unsafe { (*peer).nat.answered_by(key) }
+    {
+        let _ = table.remove(&peer_key);
+    }
+}
+
 /// Takes over the SNAT port of the connection `table` holds under `reply_key` if that one has
 /// ended past its grace, or expired ([`TAKEN_OVER`]). Otherwise: its `tcp::last_resort_rank` (0,
 /// [`IN_USE`], when it is no last-resort candidate).
@@ -367,7 +381,9 @@ fn reclaim(
 /// half-open table under that key. False if another CPU took it first.
 #[inline(never)]
 fn take_over(table: &LruHashMap<FlowKey, Flow>, reply_key: &FlowKey, old_nat: &Nat) -> bool {
-    let _ = table.remove(&FlowKey::reply_of(old_nat));
+    // The old connection's client entry, unless the client has opened a new one on that 4-tuple
+    // since this entry lost it (evicted or collected).
+    remove_peer(table, old_nat, reply_key);
     let _ = table.remove(reply_key);
     // Looked up here, not passed in: one argument fewer keeps `reclaim`'s frame, on the deepest
     // call chain, within the verifier's 512-byte stack.

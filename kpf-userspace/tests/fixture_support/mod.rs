@@ -637,6 +637,8 @@ pub enum Setup {
     Sleep(Duration),
     /// `ip ARGS` in the gateway namespace.
     Ip(&'static [&'static str]),
+    /// Remove one of the connection's entries, as the LRU evicts one when the table is full.
+    Forget(Conn, Direction),
 }
 
 /// Conntrack assertions after a fixture's packet.
@@ -1844,7 +1846,95 @@ pub fn fixtures() -> Vec<Fixture> {
         .check(Check::State(u1, BackendTimeWait)),
     );
 
+    // ---- V, W: removing a connection's other entry only while it is still that connection's -------
+    // Once one of a connection's entries is gone (evicted when the table is full, or collected),
+    // its key can go to a later connection, which must then not lose it with the old one.
+    // V1's client entry goes; the client opens a new connection on the same 4-tuple (on another
+    // port); V2 then takes over V1's old port, and with it removes the old connection's entries:
+    // the client entry under V1's 4-tuple is the new connection's now, and must stay.
+    let v1 = Conn::to_a("V1", 51024);
+    let v2 = Conn::to_a("V2", 51025);
+    let first = t.len();
+    handshake(&mut t, v1);
+    t[first].setup.extend([Setup::DefaultTimeouts, Setup::SnatRange(60008, 60008)]);
+    close_client_first(&mut t, v1);
+    let first = t.len();
+    handshake(&mut t, v1);
+    t[first].description = "V1: SYN again, its client entry evicted: a new connection (its old port is still in its grace)".into();
+    t[first].setup.extend([Setup::Forget(v1, Direction::Original), Setup::SnatRange(60008, 60009)]);
+    t.push(
+        Fixture::client_segment("V2: SYN takes over V1's old port, expired", v2, true, move |_| v2.c2f(SYN))
+            .setup(Setup::SnatRange(60008, 60008))
+            .setup(Setup::Timeout(Closing, 0))
+            .setup(Setup::Sleep(Duration::from_millis(30)))
+            .counts(SnatReclaimed)
+            .check(Check::State(v2, SynSent))
+            .check(Check::State(v1, Established)),
+    );
+    t.push(
+        Fixture::client_segment("V1: the new connection's data still forwarded", v1, false, move |_| {
+            v1.c2f(ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+            })
+        })
+        .check(Check::State(v1, Established)),
+    );
+    // W1's reply entry goes, so its port is free; W2 takes it. W1's client then opens a new
+    // connection on its 4-tuple, which removes the old one's entries: the reply entry under W1's
+    // old port is W2's now, and must stay.
+    let w1 = Conn::to_a("W1", 51026);
+    let w2 = Conn::to_a("W2", 51027);
+    let first = t.len();
+    handshake(&mut t, w1);
+    t[first].setup.extend([Setup::DefaultTimeouts, Setup::SnatRange(60010, 60010)]);
+    close_client_first(&mut t, w1);
+    let first = t.len();
+    handshake(&mut t, w2);
+    t[first].description = "W2: SYN, W1's reply entry evicted: takes its port, free".into();
+    t[first].setup.push(Setup::Forget(w1, Direction::Reply));
+    t.push(
+        Fixture::client_segment("W1: SYN again on its 4-tuple: a new connection (its old port is W2's now)", w1, true, move |_| {
+            w1.c2f(SYN).with(|p| p.seq = 700_000)
+        })
+        .setup(Setup::SnatRange(60010, 60011))
+        .check(Check::State(w1, SynSent))
+        .check(Check::State(w2, Established)),
+    );
+    t.push(
+        Fixture::backend_segment("W2: the backend's data still reaches its client", w2, move |l| {
+            w2.b2g(l, ACK).with(|p| {
+                p.seq = 5001;
+                p.ack = 1001;
+            })
+        })
+        .check(Check::State(w2, Established)),
+    );
+
     t
+}
+
+/// The client's FIN, then the backend's acknowledging it: `Closing`.
+fn close_client_first(t: &mut Vec<Fixture>, c: Conn) {
+    let n = c.name;
+    t.push(
+        Fixture::client_segment(format!("{n}: FIN from the client"), c, false, move |_| {
+            c.c2f(FIN | ACK).with(|p| {
+                p.seq = 1001;
+                p.ack = 5001;
+            })
+        })
+        .check(Check::State(c, State::FinFromClient)),
+    );
+    t.push(
+        Fixture::backend_segment(format!("{n}: FIN from the backend"), c, move |l| {
+            c.b2g(l, FIN | ACK).with(|p| {
+                p.seq = 5001;
+                p.ack = 1002;
+            })
+        })
+        .check(Check::State(c, State::Closing)),
+    );
 }
 
 /// SYN, SYN-ACK, ACK for `c` (client ISN 1000, backend ISN 5000).
@@ -2033,6 +2123,13 @@ impl<'a> Harness<'a> {
             Setup::Sleep(d) => std::thread::sleep(d),
             Setup::Ip(args) => {
                 self.gw.ip(args)?;
+            }
+            Setup::Forget(conn, dir) => {
+                let key = match dir {
+                    Direction::Original => conn.client_key(),
+                    Direction::Reply => conn.reply_key(self.learned.snat(conn.name)),
+                };
+                self.dp.remove_flow(&key)?;
             }
         }
         Ok(())
