@@ -123,6 +123,14 @@ fn local_addresses() -> Result<HashSet<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The addresses of `config`'s backends, sorted, each once.
+fn backend_ips(config: &Config) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| *b.addr.0.ip())).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// kpf forwards to other hosts only: a backend on one of the gateway's own addresses cannot be
 /// reached by a forwarded packet (and with a matching frontend would loop).
 fn check_backends_remote(config: &Config) -> Result<()> {
@@ -326,9 +334,10 @@ impl Daemon {
         for c in &plan.changes {
             log::info!("applied: {c}");
         }
-        // Only backends this change introduced need their next hop resolved now; the periodic
-        // refresh covers the rest.
-        let fresh: Vec<Ipv4Addr> = self.backend_ips().into_iter().filter(|b| !self.next_hops.contains_key(b)).collect();
+        // Only backends this change introduced need their next hop resolved now (a backend
+        // removed before may have had its entry handed back); the periodic refresh covers the rest.
+        let before = backend_ips(&old);
+        let fresh: Vec<Ipv4Addr> = self.backend_ips().into_iter().filter(|b| before.binary_search(b).is_err()).collect();
         if !fresh.is_empty() {
             self.resolve(&fresh, NEIGH_CHANGE_WAIT);
         }
@@ -348,11 +357,7 @@ impl Daemon {
     }
 
     fn backend_ips(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<Ipv4Addr> =
-            self.config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| *b.addr.0.ip())).collect();
-        v.sort();
-        v.dedup();
-        v
+        backend_ips(&self.config)
     }
 
     /// Keeps next hops resolved; bumps the FIB generation when a route or MAC changed.
@@ -417,15 +422,20 @@ impl Daemon {
     /// since removed or moved. Entries on other interfaces are no next hop this daemon can
     /// forward to, and may be another kpf's.
     fn release_next_hops(&self, unneeded: impl Fn(&str, Ipv4Addr) -> bool) {
-        let ours = match neigh::ours() {
-            Ok(list) => list,
-            Err(e) => return log::warn!("listing kpf's neighbour entries: {e}"),
-        };
-        let mine = |dev: &str| self.config.interfaces.iter().any(|i| i == dev);
-        for (dev, addr) in ours.into_iter().filter(|(dev, addr)| mine(dev) && unneeded(dev, *addr)) {
-            match neigh::release(&dev, addr) {
-                Ok(()) => log::info!("next hop {addr} on {dev}: no backend uses it; no longer kept resolved"),
-                Err(e) => log::warn!("next hop {addr} on {dev}: cannot stop keeping it resolved: {e}"),
+        for dev in &self.config.interfaces {
+            let ours = match neigh::ours(dev) {
+                Ok(list) => list,
+                Err(e) => {
+                    log::warn!("listing kpf's neighbour entries on {dev}: {e}");
+                    continue;
+                }
+            };
+            for entry in ours.into_iter().filter(|e| unneeded(dev, e.addr)) {
+                let addr = entry.addr;
+                match neigh::release(dev, &entry) {
+                    Ok(()) => log::info!("next hop {addr} on {dev}: no backend uses it; no longer kept resolved"),
+                    Err(e) => log::warn!("next hop {addr} on {dev}: cannot stop keeping it resolved: {e}"),
+                }
             }
         }
     }

@@ -87,13 +87,20 @@ impl NeighJson {
     }
 }
 
-/// One entry of a neighbour listing.
+/// One entry of a listing of one interface's neighbours.
 #[derive(Deserialize)]
 struct ListedNeighJson {
     dst: Ipv4Addr,
-    dev: String,
     #[serde(flatten)]
     neigh: NeighJson,
+}
+
+/// A managed neighbour entry kpf made.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ours {
+    pub addr: Ipv4Addr,
+    /// It has a MAC (is or was resolved).
+    pub resolved: bool,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -136,7 +143,8 @@ fn neighbour(route: &Route) -> Result<Option<NeighJson>> {
 }
 
 /// Makes sure the kernel keeps `route`'s next hop resolved. A permanent (static) entry an
-/// operator made is left alone, and a managed one keeps its owner's protocol.
+/// operator made is left alone, and one with a protocol of its own keeps it (so it is never
+/// taken for kpf's and handed back).
 pub fn keep_resolved(route: &Route) -> Result<()> {
     let existing = neighbour(route)?;
     if let Some(n) = &existing
@@ -147,32 +155,36 @@ pub fn keep_resolved(route: &Route) -> Result<()> {
     let (addr, proto) = (route.next_hop.to_string(), PROTOCOL.to_string());
     let mut args = vec!["neigh", "replace", &addr, "dev", &route.dev, "managed"];
     // Without a protocol attribute the kernel keeps the entry's own.
-    if !existing.is_some_and(|n| n.managed && !n.ours()) {
+    if !existing.is_some_and(|n| n.protocol.is_some() && !n.ours()) {
         args.extend(["protocol", &proto]);
     }
     ip(&args).map(drop)
 }
 
-/// The managed entries kpf made (tagged with [`PROTOCOL`]), as (interface, address).
-pub fn ours() -> Result<Vec<(String, Ipv4Addr)>> {
-    ours_in(&ip(&["-4", "-N", "-j", "neigh", "show"])?)
+/// The managed entries kpf made (tagged with [`PROTOCOL`]) on `dev`.
+pub fn ours(dev: &str) -> Result<Vec<Ours>> {
+    ours_in(&ip(&["-4", "-N", "-j", "neigh", "show", "dev", dev, "proto", &PROTOCOL.to_string()])?)
 }
 
-fn ours_in(listing: &str) -> Result<Vec<(String, Ipv4Addr)>> {
+fn ours_in(listing: &str) -> Result<Vec<Ours>> {
     let list: Vec<ListedNeighJson> = serde_json::from_str(listing)
         .map_err(|e| Error::Environment(format!("unexpected `ip -j neigh show` output: {e}")))?;
-    Ok(list.into_iter().filter(|n| n.neigh.managed && n.neigh.ours()).map(|n| (n.dev, n.dst)).collect())
+    Ok(list
+        .into_iter()
+        .filter(|n| n.neigh.managed && n.neigh.ours())
+        .map(|n| Ours { addr: n.dst, resolved: n.neigh.lladdr.is_some() })
+        .collect())
 }
 
 /// Hands one of kpf's managed entries back to the kernel's usual ageing: it stays, unmanaged and
 /// stale, with the MAC it had (connections still draining to it can look it up; the kernel
 /// confirms it again if anything sends there, or forgets it), or goes if it has no MAC.
-pub fn release(dev: &str, addr: Ipv4Addr) -> Result<()> {
-    let addr = addr.to_string();
-    match ip(&["neigh", "change", &addr, "dev", dev, "nud", "stale"]) {
-        Ok(_) => Ok(()),
-        // "No link layer address given": unresolved, nothing to keep.
-        Err(_) => ip(&["neigh", "del", &addr, "dev", dev]).map(drop),
+pub fn release(dev: &str, entry: &Ours) -> Result<()> {
+    let addr = entry.addr.to_string();
+    if entry.resolved {
+        ip(&["neigh", "change", &addr, "dev", dev, "nud", "stale"]).map(drop)
+    } else {
+        ip(&["neigh", "del", &addr, "dev", dev]).map(drop)
     }
 }
 
@@ -244,17 +256,23 @@ mod tests {
 
     #[test]
     fn only_managed_entries_with_kpfs_protocol_are_ours() {
-        // As `ip -4 -N -j neigh show` prints them.
+        // As `ip -4 -N -j neigh show dev eth0` prints them (the filter on the protocol aside).
         let listing = r#"[
-            {"dst":"10.0.0.1","dev":"eth0","lladdr":"02:00:00:00:00:01","managed":null,"state":["REACHABLE"],"protocol":"107"},
-            {"dst":"10.0.0.2","dev":"eth1","managed":null,"state":["FAILED"],"protocol":"107"},
-            {"dst":"10.0.0.3","dev":"eth0","lladdr":"02:00:00:00:00:03","managed":null,"state":["REACHABLE"]},
-            {"dst":"10.0.0.4","dev":"eth0","lladdr":"02:00:00:00:00:04","managed":null,"state":["STALE"],"protocol":"12"},
-            {"dst":"10.0.0.5","dev":"eth0","lladdr":"02:00:00:00:00:05","state":["STALE"],"protocol":"107"},
-            {"dst":"10.0.0.6","dev":"eth0","lladdr":"02:00:00:00:00:06","state":["PERMANENT"]}
+            {"dst":"10.0.0.1","lladdr":"02:00:00:00:00:01","managed":null,"state":["REACHABLE"],"protocol":"107"},
+            {"dst":"10.0.0.2","managed":null,"state":["FAILED"],"protocol":"107"},
+            {"dst":"10.0.0.3","lladdr":"02:00:00:00:00:03","managed":null,"state":["REACHABLE"]},
+            {"dst":"10.0.0.4","lladdr":"02:00:00:00:00:04","managed":null,"state":["STALE"],"protocol":"12"},
+            {"dst":"10.0.0.5","lladdr":"02:00:00:00:00:05","state":["STALE"],"protocol":"107"},
+            {"dst":"10.0.0.6","lladdr":"02:00:00:00:00:06","state":["PERMANENT"]}
         ]"#;
         let ours = ours_in(listing).unwrap();
-        assert_eq!(ours, [("eth0".to_owned(), Ipv4Addr::new(10, 0, 0, 1)), ("eth1".to_owned(), Ipv4Addr::new(10, 0, 0, 2))]);
+        assert_eq!(
+            ours,
+            [
+                Ours { addr: Ipv4Addr::new(10, 0, 0, 1), resolved: true },
+                Ours { addr: Ipv4Addr::new(10, 0, 0, 2), resolved: false }
+            ]
+        );
         assert!(ours_in("not json").is_err());
     }
 

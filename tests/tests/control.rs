@@ -992,6 +992,10 @@ fn neighbour_entries_follow_the_backends() {
     assert!(n.get(&b3).is_some_and(|&(managed, _, mac)| !managed && mac), "b3's entry keeps its MAC, unmanaged: {n:?}");
     assert!(kept_by_kpf(&n, b1) && kept_by_kpf(&n, b2), "b1's and b2's next hops are still kept: {n:?}");
     assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry is left alone: {n:?}");
+    // Added back: kept again before the change is answered, so no SYN waits for the next refresh.
+    s.cli.ok(&["map", "add", "9095", &s.backend(2).to_string()]).expect("kpf map add 9095 b3");
+    let n = neighbours(&s.topo.gateway);
+    assert!(kept_by_kpf(&n, b3), "b3's next hop is not kept again when `kpf map add` returns: {n:?}");
 
     s.kpf.take().unwrap().terminate();
     s.topo.gateway.ip(&["neigh", "replace", &left_over.to_string(), "dev", "eth0", "managed", "protocol", "107"]).unwrap();
@@ -999,13 +1003,15 @@ fn neighbour_entries_follow_the_backends() {
     // The start hands it back before the daemon answers.
     let n = neighbours(&s.topo.gateway);
     assert!(!kept_by_kpf(&n, left_over), "the earlier kpf's entry for a gone broker is still kept after the start: {n:?}");
-    assert!(kept_by_kpf(&n, b1) && kept_by_kpf(&n, b2), "b1's and b2's next hops after the restart: {n:?}");
+    for b in [b1, b2, b3] {
+        assert!(kept_by_kpf(&n, b), "backend {b}'s next hop after the restart: {n:?}");
+    }
     assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry after the restart: {n:?}");
 
     let stopped = s.kpf.take().unwrap().stop();
     assert!(stopped.is_clean(), "kpf did not stop cleanly: {stopped:?}");
     let n = neighbours(&s.topo.gateway);
-    for b in [b1, b2] {
+    for b in [b1, b2, b3] {
         assert!(n.get(&b).is_some_and(|&(managed, _, mac)| !managed && mac), "{b}'s entry after kpf down: {n:?}");
     }
     assert!(n.get(&operators).is_some_and(|e| e.0), "the operator's managed entry after kpf down: {n:?}");
