@@ -141,9 +141,10 @@ fn promote(key: &FlowKey, reply_key: &FlowKey) -> Option<&'static mut Flow> {
 /// packet applied to its own current state: in the skb modes the two directions' packets can be
 /// handled on two CPUs at once, and when each wrote its own result into both entries, a FIN
 /// from each side at the same moment left both entries with one FIN (never `Closing`), holding
-/// the connection's SNAT port until the FIN timeout.
+/// the connection's SNAT port until the FIN timeout. `crossed` answers, for a backend's FIN
+/// found in `FinFromClient`, whether the FINs crossed (see [`transition`]).
 #[inline(always)]
-fn advance(entry: &mut Flow, dir: Direction, flags: u8, crossing: bool) -> Option<State> {
+fn advance(entry: &mut Flow, dir: Direction, flags: u8, crossed: &impl Fn() -> bool) -> Option<State> {
     // BPF has compare-and-exchange on 4 and 8 bytes; `state` sits in the 8-byte-aligned word
     // (next_seq, state, direction, padding), asserted in kpf-common. A concurrent plain store to
     // next_seq only makes the exchange fail and retry; a successful one writes back the next_seq
@@ -156,6 +157,10 @@ fn advance(entry: &mut Flow, dir: Direction, flags: u8, crossing: bool) -> Optio
     for _ in 0..4 {
         let mut bytes = cur.to_ne_bytes();
         let state = State::from_u8(bytes[STATE_BYTE])?;
+        // Asked only once this word reads FinFromClient: see `transition`.
+        let crossing = flags & tcp::FIN != 0
+            && matches!((state, dir), (State::FinFromClient, Direction::Reply))
+            && crossed();
         let next = tcp::next(state, dir, flags, crossing);
         if next == state {
             return None;
@@ -202,22 +207,22 @@ unsafe fn cmpxchg64(ptr: *mut u64, expected: u64, new: u64) -> u64 {
 /// call chain (a new connection's) is at the verifier's stack limit.
 #[inline(never)]
 fn transition(table: &'static LruHashMap<FlowKey, Flow>, flow: &mut Flow, flags: u8, ack: u32) -> Option<State> {
-    let state = State::from_u8(flow.state)?;
     let dir = if flow.direction == Direction::Original as u8 { Direction::Original } else { Direction::Reply };
-    let reply_key = FlowKey::reply_of(&flow.nat);
+    let peer = table.get_ptr_mut(&FlowKey::reply_of(&flow.nat));
     // The backend's FIN after the client's: whether the backend had the client's FIN when it
-    // sent its own decides which end holds TIME_WAIT. The client's entry knows how far it got.
-    let crossing = flags & tcp::FIN != 0
-        && matches!((state, dir), (State::FinFromClient, Direction::Reply))
-        && match table.get_ptr(&reply_key) {
-            // SAFETY: a live map value.
-            Some(client) => !kpf_common::seq::acknowledges(flags, ack, unsafe { (*client).next_seq }),
-            None => false,
-        };
-    let next = advance(flow, dir, flags, crossing)?;
-    if let Some(peer) = table.get_ptr_mut(&reply_key) {
+    // sent its own decides which end holds TIME_WAIT. The client's entry (the peer of the
+    // backend's) knows how far the client got. Read only after an entry was seen in
+    // FinFromClient: the client's FIN set that after its next_seq took the FIN in (`established`
+    // tracks before it transitions), so the number read then includes it.
+    let crossed = || match peer {
+        // SAFETY: a live map value; one aligned 4-byte load.
+        Some(client) => !kpf_common::seq::acknowledges(flags, ack, unsafe { core::ptr::read_volatile(&(*client).next_seq) }),
+        None => false,
+    };
+    let next = advance(flow, dir, flags, &crossed)?;
+    if let Some(peer) = peer {
         // SAFETY: a live map value.
-        advance(unsafe { &mut *peer }, dir, flags, crossing);
+        advance(unsafe { &mut *peer }, dir, flags, &crossed);
     }
     Some(next)
 }
@@ -233,10 +238,17 @@ fn established<C: Frame>(
     now: u64,
 ) -> u32 {
     let seq = pkt.seq();
+    // Before the state changes, so another CPU that sees the new state sees this number too (see
+    // `transition`). Not `!handshake_done()`, which also holds for Reset: a SYN there is a new
+    // attempt on the 4-tuple (reopened before this when it has no ACK), not the sender's first
+    // number.
+    let handshaking = flow.state <= State::SynAcked as u8;
+    let seen_seq = flow.next_seq;
+    flow.next_seq = kpf_common::seq::track(seen_seq, seq, pkt.payload as u32, pkt.flags, handshaking);
     if let Some(state) = State::from_u8(flow.state)
         && tcp::may_change(state, pkt.flags)
     {
-        let flags = kpf_common::seq::credible(pkt.flags, seq, pkt.payload as u32, flow.next_seq);
+        let flags = kpf_common::seq::credible(pkt.flags, seq, pkt.payload as u32, seen_seq);
         // Only the CPU whose update completed the handshake moves the connection.
         if let Some(next) = transition(table, flow, flags, pkt.ack_seq())
             && core::ptr::eq(table, &HALF_OPEN)
@@ -270,10 +282,6 @@ fn established<C: Frame>(
     }
     flow.packets += 1;
     flow.bytes += pkt.ip_len as u64;
-    // Not `!handshake_done()`, which also holds for Reset: a SYN there is a new attempt on the
-    // 4-tuple (reopened above when it has no ACK), not the sender's first number.
-    let handshaking = flow.state <= State::SynAcked as u8;
-    flow.next_seq = kpf_common::seq::track(flow.next_seq, seq, pkt.payload as u32, pkt.flags, handshaking);
     stats::traffic(flow.frontend_id, flow.backend_id, pkt.ip_len as u64, false);
 
     // Read in place rather than copied to the stack first. A live entry's rewrite never changes;
