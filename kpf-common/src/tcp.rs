@@ -168,6 +168,13 @@ pub const fn next(state: State, dir: Direction, flags: u8, crossing: bool) -> St
     }
 }
 
+/// Whether [`next`] depends on `crossing` for this packet: the backend's FIN on a connection whose
+/// client has sent its FIN. Only then is the client's progress worth reading.
+#[inline(always)]
+pub const fn may_cross(state: State, dir: Direction, flags: u8) -> bool {
+    flags & (FIN | RST) == FIN && matches!(state, State::FinFromClient) && matches!(dir, Direction::Reply)
+}
+
 /// True when a packet with these flags may change the state, so the kernel must look at the
 /// other direction's entry too. Plain data and ACKs in an established connection never do.
 #[inline(always)]
@@ -379,6 +386,10 @@ mod tests {
                         if next(s, d, flags, crossing) != s {
                             assert!(may_change(s, flags), "{s:?} {d:?} {flags:#x}");
                         }
+                    }
+                    // may_cross must never hide a case where crossing matters.
+                    if next(s, d, flags, true) != next(s, d, flags, false) {
+                        assert!(may_cross(s, d, flags), "{s:?} {d:?} {flags:#x}");
                     }
                 }
             }

@@ -158,9 +158,7 @@ fn advance(entry: &mut Flow, dir: Direction, flags: u8, crossed: &impl Fn() -> b
         let mut bytes = cur.to_ne_bytes();
         let state = State::from_u8(bytes[STATE_BYTE])?;
         // Asked only once this word reads FinFromClient: see `transition`.
-        let crossing = flags & tcp::FIN != 0
-            && matches!((state, dir), (State::FinFromClient, Direction::Reply))
-            && crossed();
+        let crossing = tcp::may_cross(state, dir, flags) && crossed();
         let next = tcp::next(state, dir, flags, crossing);
         if next == state {
             return None;

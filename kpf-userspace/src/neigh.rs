@@ -83,7 +83,7 @@ struct NeighJson {
 
 impl NeighJson {
     fn ours(&self) -> bool {
-        self.protocol.as_deref() == Some(PROTOCOL.to_string().as_str())
+        self.protocol.as_deref().and_then(|p| p.parse().ok()) == Some(PROTOCOL)
     }
 }
 
